@@ -1,0 +1,79 @@
+"""Curvature representations behind one interface, chosen by ``approximation=``.
+
+=============  ==============================================================  ============
+approximation  how                                                             matrices
+=============  ==============================================================  ============
+``dense``      explicit p×p float64 matrix from torch.func (p ≤ max_params)    F, F_MC, C, H
+``gram``       exact, through the nK×nK kernel; no per-sample gradients        F, F_MC, C
+``diagonal``   exact diagonal from the K columns of B (or sampled)             F, F_MC, C
+``kfac``       Kronecker factors per Linear/Conv2d layer, eigendecomposed      F, F_MC, C
+``ekfac``      KFAC eigenbasis, eigenvalues re-fitted to per-sample gradients  F, F_MC, C
+``exact``      ``dense`` when p ≤ max_params, else ``gram``                    as those
+=============  ==============================================================  ============
+
+Matrices: ``fisher`` (F = GGN), ``fisher_mc`` (sampled Fisher), ``gsm`` (C, the gradient second
+moment at the true labels; ``centered=True`` subtracts ḡḡᵀ) and ``hessian`` (H).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.utils import check_random_state
+
+from .base import Curvature, DenseCurvature
+from .dense import DEFAULT_MAX_PARAMS, dense_curvature, per_sample_jacobians
+from .diagonal import DiagonalCurvature
+from .gram import GramCurvature
+from .hessian import hessian_vector_product
+from .kronecker import KroneckerCurvature
+
+__all__ = ["curvature", "Curvature", "DenseCurvature", "GramCurvature", "DiagonalCurvature",
+           "KroneckerCurvature", "hessian_vector_product", "per_sample_jacobians",
+           "APPROXIMATIONS", "MATRICES", "make_generator"]
+
+APPROXIMATIONS = ("exact", "dense", "gram", "diagonal", "kfac", "ekfac")
+MATRICES = ("fisher", "fisher_mc", "gsm", "hessian")
+_VECTORS = {"fisher": "fisher", "fisher_mc": "sampled", "gsm": "residual"}
+
+
+def make_generator(random_state, device="cpu") -> torch.Generator:
+    """A torch generator seeded from an int, a RandomState or None (fresh entropy)."""
+    seed = int(check_random_state(random_state).randint(np.iinfo(np.int32).max))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def curvature(md, matrix: str = "fisher", approximation: str = "exact", *,
+              random_state=None, mc_samples: int = 1, centered: bool = False,
+              max_params: int = DEFAULT_MAX_PARAMS, max_rows: int = 20000) -> Curvature:
+    """Build the representation of ``matrix`` for a :class:`~softrank.model.ModelData`.
+
+    ``random_state`` seeds the labels drawn for ``fisher_mc``; ``mc_samples`` labels per input.
+    """
+    if matrix not in MATRICES:
+        raise ValueError(f"matrix must be one of {MATRICES}; got {matrix!r}")
+    if approximation not in APPROXIMATIONS:
+        raise ValueError(f"approximation must be one of {APPROXIMATIONS}; got {approximation!r}")
+    if centered and matrix != "gsm":
+        raise ValueError("centered=True applies to the gradient second moment (matrix='gsm') only")
+    if matrix == "fisher_mc":
+        md.require_fisher("the sampled Fisher (matrix='fisher_mc')")
+    if approximation == "exact":
+        approximation = "dense" if md.n_params <= max_params or matrix == "hessian" else "gram"
+    gen = make_generator(random_state, md.device) if matrix == "fisher_mc" else None
+    if approximation == "dense":
+        return dense_curvature(md, matrix, generator=gen, mc_samples=mc_samples,
+                               centered=centered, max_params=max_params)
+    if matrix == "hessian":
+        raise ValueError(f"the Hessian has no {approximation!r} representation (it is not a sum "
+                         "of outer products); use approximation='dense' (small p)")
+    vec = _VECTORS[matrix]
+    if approximation == "gram":
+        return GramCurvature(md, matrix, vec, generator=gen, mc_samples=mc_samples,
+                             centered=centered, max_rows=max_rows)
+    if approximation == "diagonal":
+        return DiagonalCurvature(md, matrix, vec, generator=gen, mc_samples=mc_samples,
+                                 centered=centered)
+    if centered:
+        raise ValueError(f"centered=True is not available with approximation={approximation!r}")
+    return KroneckerCurvature(md, matrix, vec, ekfac=approximation == "ekfac", generator=gen,
+                              mc_samples=mc_samples)

@@ -1,0 +1,34 @@
+r"""Hessian of the mean training loss, :math:`H = \nabla^2_\theta \frac1n\sum_i \ell_i`.
+
+``hessian_vector_product`` streams batches (``torch.func.jvp`` of ``torch.func.grad``), for
+matrix-free methods; the dense Hessian (small p) is built by
+:func:`softrank.curvature.dense.dense_curvature` with ``matrix='hessian'``.
+For ReLU networks :math:`\mathrm{Tr}\,H = \mathrm{Tr}\,F` exactly (SPEC §5).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["hessian_vector_product"]
+
+
+def hessian_vector_product(md, v: torch.Tensor) -> torch.Tensor:
+    """H v (float64) for v of shape (p,) or (p, m), streaming over batches."""
+    md.require_labels("the Hessian")
+    _, loss = md.functional_loss()
+    theta = md.flat_params()
+    grad = torch.func.grad(loss)
+    v = v.to(md.device)
+    cols = v.ndim == 2
+    V = v if cols else v[:, None]
+    out = torch.zeros(V.shape, dtype=torch.float64, device=md.device)
+    for start in range(0, md.n, md.batch_size):
+        xb = md.X[start:start + md.batch_size].to(md.device)
+        yb = md.y[start:start + md.batch_size].to(md.device)
+
+        def hvp(u):
+            return torch.func.jvp(lambda th: grad(th, xb, yb), (theta,), (u,))[1]
+
+        out += torch.func.vmap(hvp, in_dims=1, out_dims=1)(V.to(theta.dtype)).double()
+    out /= md.n
+    return out if cols else out[:, 0]

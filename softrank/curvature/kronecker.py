@@ -1,0 +1,142 @@
+r"""KFAC and EKFAC for ``nn.Linear`` and ``nn.Conv2d`` (block diagonal over layers).
+
+Per layer, with the bias folded into the input (:math:`\tilde a = [a, 1]`, joint block
+:math:`[W\,|\,b]`):
+
+.. math::
+    F_l \approx A_l \otimes G_l,\quad A_l = \tfrac1{nT}\sum_{i,t}\tilde a_{it}\tilde a_{it}^\top,
+    \quad G_l = \tfrac1n\sum_{i,c,t} g_{ict} g_{ict}^\top
+
+(the "expand" convention; T = 1 for Linear on flat inputs, the number of spatial positions for
+Conv2d). With :math:`A = U_A\,\mathrm{diag}(a)\,U_A^\top`, :math:`G = U_G\,\mathrm{diag}(g)\,U_G^\top`
+the eigenvalues are :math:`a_k g_j` and
+
+.. math:: \mathrm{rank}_\lambda(F_{\mathrm{KFAC}}) = \sum_l\sum_{j,k}\frac{a_k g_j}{a_k g_j+\lambda_l}.
+
+EKFAC (George et al., 2018) keeps the eigenbasis and re-fits the eigenvalues to the second
+moments of the per-sample gradients in it,
+:math:`s_{jk} = \frac1n\sum_{i,c}\big(U_G^\top \nabla_{W}(v_{ic}^\top z_i)\, U_A\big)_{jk}^2`,
+which makes its trace exact and its Frobenius error to F no larger than KFAC's.
+By default G uses the exact columns of :math:`B_i` (K backward passes); ``vectors='sampled'``
+uses labels drawn from the model (one backward pass, but it fails on confident models:
+SPEC §5).
+"""
+from __future__ import annotations
+
+import torch
+
+from .base import Curvature
+
+__all__ = ["KroneckerCurvature"]
+
+
+class KroneckerCurvature(Curvature):
+    def __init__(self, md, matrix="fisher", vectors="fisher", *, ekfac=False, generator=None,
+                 mc_samples=1):
+        super().__init__(md.param_names, md.sizes, md.n)
+        self.matrix = matrix
+        self.approximation = "ekfac" if ekfac else "kfac"
+        self.rules = md.rules
+        for r in self.rules:
+            if not r.kfac_capable:
+                r.unsupported(self.approximation.upper())
+        A = [0.0] * len(self.rules)
+        G = [0.0] * len(self.rules)
+        for b in md.batches(vectors, generator, mc_samples):
+            for k, (r, lb) in enumerate(zip(self.rules, b.layers)):
+                a_sum, g_sum = r.kfac_sums(lb)
+                A[k] = A[k] + a_sum.cpu()
+                G[k] = G[k] + g_sum.cpu()
+        self.A = [a / md.n for a in A]
+        self.G = [g / md.n for g in G]
+        self.UA, self.UG, self.E = [], [], []
+        for a, g in zip(self.A, self.G):
+            ea, ua = torch.linalg.eigh(a)
+            eg, ug = torch.linalg.eigh(g)
+            self.UA.append(ua)
+            self.UG.append(ug)
+            self.E.append(torch.outer(eg.clamp_min(0), ea.clamp_min(0)))  # (d_out, d_in~)
+        if ekfac:
+            S = [torch.zeros_like(e) for e in self.E]
+            for b in md.batches(vectors, generator, mc_samples):
+                for k, (r, lb) in enumerate(zip(self.rules, b.layers)):
+                    S[k] += self._squared_coords(r, lb, self.UA[k], self.UG[k]).cpu()
+            self.E = [s / md.n for s in S]
+
+    @staticmethod
+    def _squared_coords(r, lb, UA, UG):
+        x, y = r.eigen_coords(lb, UA.to(lb.g.device), UG.to(lb.g.device))
+        if y is not None:
+            return torch.einsum("vnj,nk->jk", x ** 2, y ** 2)
+        return (x ** 2).sum((0, 1))
+
+    # -- layout helpers --------------------------------------------------------------------
+    def _layer_lam(self, lam):
+        L = self.lam(lam)
+        vals = L.tensor_values(f"approximation={self.approximation!r}")
+        out, i = [], 0
+        for r in self.rules:
+            v = vals[i:i + len(r.param_names)]
+            if len(set(v)) != 1:
+                raise ValueError(
+                    f"{self.approximation.upper()} folds the bias of {r.name!r} into its weight "
+                    "block, so weight and bias need the same lam; got " + str(v))
+            out.append(v[0])
+            i += len(r.param_names)
+        return out
+
+    def _apply(self, v, fn):
+        """Per layer: U_G (fn(E) ∘ (U_Gᵀ M U_A)) U_Aᵀ on the joint-block view of v."""
+        v = v.to(torch.float64)
+        cols = v.ndim == 2
+        vt = v.T if cols else v
+        out, i = [], 0
+        for k, r in enumerate(self.rules):
+            Mk = r.from_flat(vt[..., i:i + r.numel])
+            rot = self.UG[k].T @ Mk @ self.UA[k]
+            out.append(r.to_flat(self.UG[k] @ (fn(k) * rot) @ self.UA[k].T))
+            i += r.numel
+        res = torch.cat(out, -1)
+        return res.T if cols else res
+
+    # -- interface -------------------------------------------------------------------------
+    def eigvals(self):
+        return torch.sort(torch.cat([e.reshape(-1) for e in self.E])).values
+
+    def trace(self):
+        return float(sum(e.sum() for e in self.E))
+
+    def diagonal(self):
+        return torch.cat([r.to_flat((ug ** 2) @ e @ (ua ** 2).T)
+                          for r, ua, ug, e in zip(self.rules, self.UA, self.UG, self.E)])
+
+    def matvec(self, v):
+        return self._apply(v, lambda k: self.E[k])
+
+    def solve(self, v, lam):
+        lams = self._layer_lam(lam)
+        return self._apply(v, lambda k: 1.0 / (self.E[k] + lams[k]))
+
+    def soft_rank(self, lam):
+        lams = self._layer_lam(lam)
+        return float(sum((e / (e + l)).sum() for e, l in zip(self.E, lams)))
+
+    def logdet_dim(self, lam):
+        lams = self._layer_lam(lam)
+        return float(sum(torch.log1p(e / l).sum() for e, l in zip(self.E, lams)))
+
+    def tic_sum(self, rules, feats, lam) -> float:
+        """Σ_i g_iᵀ(M+Λ)⁻¹g_i, layer by layer in the Kronecker eigenbasis."""
+        lams = self._layer_lam(lam)
+        W = [1.0 / (e + l) for e, l in zip(self.E, lams)]
+        total = 0.0
+        for b in feats:
+            for k, (r, lb) in enumerate(zip(self.rules, b.layers)):
+                dev = lb.g.device
+                x, y = r.eigen_coords(lb, self.UA[k].to(dev), self.UG[k].to(dev))
+                Wk = W[k].to(dev)
+                if y is not None:
+                    total += float(torch.einsum("vnj,jk,nk->", x ** 2, Wk, y ** 2))
+                else:
+                    total += float((x ** 2 * Wk).sum())
+        return total

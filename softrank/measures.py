@@ -1,0 +1,168 @@
+r"""Measures (SPEC §4) as plain functions of a :class:`~softrank.model.ModelData`.
+
+Each returns a frozen :class:`MeasureResult` — the value, the generalization-gap estimate in
+loss units where the measure defines one, n, λ, the approximation and diagnostics.
+
+=================  ======================================  =====================================
+measure            value                                   gap estimate
+=================  ======================================  =====================================
+soft rank of F     :math:`\mathrm{rank}_\Lambda(F)`        :math:`\alpha\,\mathrm{rank}_\Lambda(F)/n`,
+                                                           :math:`\alpha = \mathrm{Tr}\,C/\mathrm{Tr}\,F`
+                                                           (calibrated: :math:`\mathrm{rank}/n`)
+TIC (Fisher)       :math:`\mathrm{Tr}\,C(F+\Lambda)^{-1}`  value / n
+TIC (Hessian)      :math:`\mathrm{Tr}\,C(H+\Lambda)^{-1}`  value / n
+trace ratio        :math:`\mathrm{Tr}\,C/\mathrm{Tr}\,F`   value / n  (Thomas et al., 2020)
+Hessian norms      Tr H, ‖H‖₂, ‖H‖_F                      — (baselines)
+log-det dimension  :math:`\sum_j\log(1+\sigma_j/\lambda)`  —
+=================  ======================================  =====================================
+
+Curvature matrices are of the mean loss over the m samples measured on; n is the number of
+samples the model was **trained** on (``ModelData.n_train``).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from .curvature import Curvature, DenseCurvature, curvature
+from .curvature.dense import DEFAULT_MAX_PARAMS
+
+__all__ = ["MeasureResult", "soft_rank", "soft_rank_gap", "tic", "trace_ratio",
+           "hessian_norms", "effective_dimension", "IndefiniteWarning"]
+
+
+class IndefiniteWarning(RuntimeWarning):
+    """H + Λ is not positive definite: the Hessian TIC is not a valid penalty there."""
+
+
+@dataclass(frozen=True)
+class MeasureResult:
+    name: str
+    value: float
+    gap: float | None
+    n: int
+    lam: object
+    approximation: str
+    diagnostics: dict = field(default_factory=dict)
+
+    def __float__(self):
+        return float(self.value)
+
+
+def _lam_repr(L):
+    return L.describe()
+
+
+def traces(md) -> tuple[float, float]:
+    """Exact (Tr C, Tr F) from the diagonals (one pass each)."""
+    tr_c = curvature(md, "gsm", "diagonal").trace()
+    tr_f = curvature(md, "fisher", "diagonal").trace()
+    return tr_c, tr_f
+
+
+def soft_rank(md, lam, approximation: str = "exact", matrix: str = "fisher", *,
+              F: Curvature | None = None, **kw) -> MeasureResult:
+    r"""Soft rank :math:`\mathrm{Tr}\,M(M+\Lambda)^{-1} = \sum_j \sigma_j/(\sigma_j+\lambda)`.
+
+    For ``matrix='fisher'`` with labels, the gap estimate is
+    :math:`\alpha\cdot\mathrm{rank}_\Lambda(F)/n` with :math:`\alpha=\mathrm{Tr}\,C/\mathrm{Tr}\,F`
+    (exact traces); ``diagnostics['calibrated_gap']`` is :math:`\mathrm{rank}_\Lambda(F)/n`.
+    For the Hessian, eigenvalues below zero are allowed and each contributes
+    :math:`\sigma/(\sigma+\lambda)`, which is negative for :math:`-\lambda<\sigma<0`.
+    """
+    M = F if F is not None else curvature(md, matrix, approximation, **kw)
+    L = M.lam(lam)
+    value = M.soft_rank(L)
+    diag = {"matrix": matrix, "n_curvature_samples": md.n}
+    gap = None
+    if matrix == "fisher":
+        diag["calibrated_gap"] = value / md.n_train
+        if md.y is not None and md.family.is_fisher:
+            tr_c, tr_f = traces(md)
+            alpha = tr_c / tr_f
+            diag.update(trace_C=tr_c, trace_F=tr_f, alpha=alpha)
+            gap = alpha * value / md.n_train
+    return MeasureResult("soft_rank", value, gap, md.n_train, _lam_repr(L), M.approximation, diag)
+
+
+def soft_rank_gap(md, lam, approximation: str = "exact", **kw) -> MeasureResult:
+    """The soft-rank gap estimate (SPEC §1); same as :func:`soft_rank` on F, labels required."""
+    md.require_labels("the soft-rank gap estimate")
+    md.require_fisher("the soft-rank gap estimate")
+    return soft_rank(md, lam, approximation, "fisher", **kw)
+
+
+def tic(md, lam, approximation: str = "exact", variant: str = "fisher", *,
+        centered: bool = False, max_params: int = DEFAULT_MAX_PARAMS, **kw) -> MeasureResult:
+    r"""Regularized TIC :math:`\mathrm{Tr}\,C(M+\Lambda)^{-1}`, M = F (``variant='fisher'``) or
+    H (``'hessian'``); gap estimate value / n. ``centered`` uses :math:`C-\bar g\bar g^\top`."""
+    md.require_labels("the TIC")
+    if variant not in ("fisher", "hessian"):
+        raise ValueError(f"variant must be 'fisher' or 'hessian'; got {variant!r}")
+    matrix = "fisher" if variant == "fisher" else "hessian"
+    if variant == "hessian" and approximation not in ("exact", "dense"):
+        raise ValueError("TIC(variant='hessian') needs the Hessian, available dense (small p) "
+                         f"in this version; got approximation={approximation!r}")
+    M = curvature(md, matrix, approximation, max_params=max_params, **kw)
+    L = M.lam(lam)
+    diag = {"variant": variant, "centered": centered}
+    if isinstance(M, DenseCurvature):
+        if variant == "hessian" and not M.is_positive_definite_with(L):
+            warnings.warn("H + Λ is not positive definite at these parameters; the Hessian TIC "
+                          "is unreliable (use variant='fisher')", IndefiniteWarning, stacklevel=2)
+            diag["indefinite"] = True
+        C = curvature(md, "gsm", "dense", centered=centered, max_params=max_params)
+        value = float(torch.linalg.solve(M.M + torch.diag(L.vector), C.M).trace())
+    else:
+        value = M.tic_sum(md.rules, md.batches("residual"), L) / md.n
+        if centered:
+            gbar = curvature(md, "gsm", "diagonal")  # cheap pass for ḡ
+            g = _gradient_mean(md)
+            value -= float(g @ M.solve(g, L))
+            del gbar
+    return MeasureResult("tic", value, value / md.n_train, md.n_train, _lam_repr(L),
+                         M.approximation, diag)
+
+
+def _gradient_mean(md) -> torch.Tensor:
+    sums = [0.0] * len(md.rules)
+    for b in md.batches("residual"):
+        for k, (r, lb) in enumerate(zip(md.rules, b.layers)):
+            sums[k] = sums[k] + r.grad_sum(lb).cpu()
+    return torch.cat(sums) / md.n
+
+
+def trace_ratio(md) -> MeasureResult:
+    r""":math:`\alpha = \mathrm{Tr}\,C/\mathrm{Tr}\,F` (exact traces); gap estimate α/n.
+    α > 1: over-confident, α < 1: under-confident, α = 1 when calibrated."""
+    md.require_labels("the trace ratio")
+    md.require_fisher("the trace ratio")
+    tr_c, tr_f = traces(md)
+    value = tr_c / tr_f
+    return MeasureResult("trace_ratio", value, value / md.n_train, md.n_train, None, "exact",
+                         {"trace_C": tr_c, "trace_F": tr_f})
+
+
+def hessian_norms(md, ord: str = "trace", *, max_params: int = DEFAULT_MAX_PARAMS
+                  ) -> MeasureResult:
+    """Tr H (``ord='trace'``), largest eigenvalue ‖H‖₂ (``'spectral'``) or ‖H‖_F
+    (``'frobenius'``) of the dense Hessian. Baselines: no gap estimate."""
+    if ord not in ("trace", "spectral", "frobenius"):
+        raise ValueError(f"ord must be 'trace', 'spectral' or 'frobenius'; got {ord!r}")
+    H = curvature(md, "hessian", "dense", max_params=max_params)
+    value = {"trace": H.trace, "spectral": lambda: float(H.eigvals().max()),
+             "frobenius": H.frobenius_norm}[ord]()
+    return MeasureResult(f"hessian_{ord}", float(value), None, md.n_train, None, "dense",
+                         {"ord": ord})
+
+
+def effective_dimension(md, lam, approximation: str = "exact", matrix: str = "fisher",
+                        **kw) -> MeasureResult:
+    r"""Log-det effective dimension :math:`\sum_j \log(1+\sigma_j/\lambda)` (concave trace
+    family, SPEC §4)."""
+    M = curvature(md, matrix, approximation, **kw)
+    L = M.lam(lam)
+    return MeasureResult("effective_dimension", M.logdet_dim(L), None, md.n_train,
+                         _lam_repr(L), M.approximation, {"matrix": matrix})
