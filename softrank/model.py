@@ -213,8 +213,9 @@ class ModelData:
     def batches(self, vectors: str | None = None, generator: torch.Generator | None = None,
                 mc_samples: int = 1, indices: torch.Tensor | None = None) -> Iterator[Batch]:
         """Stream batches. ``vectors``: None (outputs only), 'fisher' (columns of B_i),
-        'residual' (r_i at the true label) or 'sampled' (r_i at labels drawn from the model,
-        ``mc_samples`` per input, scaled by 1/√mc_samples)."""
+        'residual' (r_i at the true label), 'sampled' (r_i at labels drawn from the model,
+        ``mc_samples`` per input, scaled by 1/√mc_samples) or 'jacobian' (unit vectors: the
+        rows of J_i). ``indices`` restricts the stream to those samples."""
         if vectors == "residual":
             self.require_labels("the gradient second moment C")
         if vectors == "sampled":
@@ -260,6 +261,9 @@ class ModelData:
             vecs = self.family.factor(zd, y).permute(2, 0, 1)  # (V, N, K)
         elif vectors == "residual":
             vecs = self.family.residual(zd, y).unsqueeze(0)
+        elif vectors == "jacobian":  # rows of J_i: unit vectors e_k
+            K = zd.shape[1]
+            vecs = torch.eye(K, dtype=zd.dtype, device=zd.device)[:, None, :].expand(K, len(zd), K)
         elif vectors == "sampled":
             vecs = torch.stack([
                 self.family.residual(zd, self.family.prepare_target(

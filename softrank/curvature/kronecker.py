@@ -140,3 +140,19 @@ class KroneckerCurvature(Curvature):
                 else:
                     total += float((x ** 2 * Wk).sum())
         return total
+
+    def output_blocks(self, layers, lam) -> torch.Tensor:
+        r"""(N, V, V) blocks :math:`G_i (M+\Lambda)^{-1} G_i^\top` for the per-sample gradient
+        rows :math:`G_i` recorded in ``layers`` (e.g. the Jacobian rows, ``vectors='jacobian'``)."""
+        lams = self._layer_lam(lam)
+        out = 0.0
+        for k, (r, lb) in enumerate(zip(self.rules, layers)):
+            dev = lb.g.device
+            W = (1.0 / (self.E[k] + lams[k])).to(dev)
+            x, y = r.eigen_coords(lb, self.UA[k].to(dev), self.UG[k].to(dev))
+            if y is not None:  # x: (V, N, d_out), y: (N, d_in~)
+                u = (y ** 2) @ W.T  # (N, d_out)
+                out = out + torch.einsum("cnj,dnj,nj->ncd", x, x, u)
+            else:
+                out = out + torch.einsum("cnjk,dnjk,jk->ncd", x, x, W)
+        return out

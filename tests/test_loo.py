@@ -1,0 +1,190 @@
+"""ApproxLOO (SPEC §4a) against brute-force leave-one-out refits, PRESS and exact identities."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from softrank.curvature import curvature
+from softrank.loo import approx_loo
+from softrank.measures import tic
+from softrank.model import ModelData
+
+torch.set_default_dtype(torch.float64)
+
+
+def _fit_linear(X, y, loss_fn, n_out, lam, n_reg, mask=None, init=None):
+    """Newton's method on Σ_{i in mask} ℓ_i + (n_reg/2) λ ||θ||² for a linear model z = W x + b."""
+    d = X.shape[1]
+    Xs, ys = (X, y) if mask is None else (X[mask], y[mask])
+    theta = torch.zeros(n_out * (d + 1)) if init is None else init.clone()
+
+    def objective(th):
+        W, b = th[: n_out * d].reshape(n_out, d), th[n_out * d:]
+        z = Xs @ W.T + b
+        return loss_fn(z, ys).sum() + n_reg * lam / 2 * (th ** 2).sum()
+
+    for _ in range(50):
+        g = torch.func.grad(objective)(theta)
+        if g.norm() < 1e-12:
+            break
+        theta = theta - torch.linalg.solve(torch.func.hessian(objective)(theta), g)
+    lin = nn.Linear(d, n_out)
+    with torch.no_grad():
+        lin.weight.copy_(theta[: n_out * d].reshape(n_out, d))
+        lin.bias.copy_(theta[n_out * d:])
+    return lin, theta
+
+
+def _softmax_data(n=120, d=4, K=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g)
+    W = 1.5 * torch.randn(d, K, generator=g)
+    y = torch.multinomial(torch.softmax(X @ W, 1), 1, generator=g).squeeze(1)
+    return X, y
+
+
+def _ce(z, y):
+    return nn.functional.cross_entropy(z, y, reduction="none")
+
+
+def _bce(z, y):
+    return nn.functional.binary_cross_entropy_with_logits(z[:, 0], y, reduction="none")
+
+
+def _brute_force_loo(X, y, loss_fn, n_out, lam):
+    n = len(X)
+    _, theta = _fit_linear(X, y, loss_fn, n_out, lam, n)
+    losses, outputs = [], []
+    for i in range(n):
+        mask = torch.ones(n, dtype=torch.bool)
+        mask[i] = False
+        lin, _ = _fit_linear(X, y, loss_fn, n_out, lam, n, mask, init=theta)
+        with torch.no_grad():
+            z = lin(X[i:i + 1])
+        outputs.append(z[0])
+        losses.append(float(loss_fn(z, y[i:i + 1])[0]))
+    return np.array(losses), torch.stack(outputs)
+
+
+@pytest.mark.parametrize("lam", [3e-3, 3e-2])
+@pytest.mark.parametrize("family", ["softmax", "logistic"])
+def test_matches_brute_force_refits(family, lam):
+    X, y = _softmax_data(K=3 if family == "softmax" else 2)
+    if family == "softmax":
+        loss_fn, crit, n_out, yt = _ce, nn.CrossEntropyLoss(), 3, y
+    else:
+        loss_fn, crit, n_out, yt = _bce, nn.BCEWithLogitsLoss(), 1, y.double()
+    lin, _ = _fit_linear(X, yt, loss_fn, n_out, lam, len(X))
+    md = ModelData(lin, crit, X, yt if family == "softmax" else yt[:, None], batch_size=50)
+    res = approx_loo(md, lam, "exact")
+    bf_losses, bf_z = _brute_force_loo(X, yt, loss_fn, n_out, lam)
+    with torch.no_grad():
+        z = lin(X)
+        train = float(loss_fn(z, yt).mean())
+    bf_gap = bf_losses.mean() - train
+    assert res.train_loss == pytest.approx(train, rel=1e-10)
+    assert 0.9 <= res.gap / bf_gap <= 1.1, (res.gap, bf_gap)
+    # the output shift of each point is close to the refit's shift
+    shift, bf_shift = res.loo_outputs - z.numpy(), (bf_z - z).numpy()
+    rel = np.linalg.norm(shift - bf_shift, axis=1) / np.linalg.norm(bf_shift, axis=1)
+    assert np.median(rel) < 0.05 and np.quantile(rel, 0.9) < 0.2, np.quantile(rel, [0.5, 0.9])
+    assert np.median(np.abs(res.loo_losses - bf_losses)) < 0.05 * np.median(bf_losses)
+
+
+def test_ridge_equals_press():
+    """MSE: the Newton step is exact, ApproxLOO is the PRESS shortcut e_i / (1 - h_ii)."""
+    g = torch.Generator().manual_seed(1)
+    n, d, lam = 60, 5, 0.05
+    X = torch.randn(n, d, generator=g)
+    y = X @ torch.randn(d, generator=g) + 0.3 * torch.randn(n, generator=g)
+    lin, theta = _fit_linear(X, y, lambda z, t: (z[:, 0] - t) ** 2, 1, lam, n)
+    md = ModelData(lin, nn.MSELoss(), X, y[:, None], batch_size=16)
+    res = approx_loo(md, lam, "exact")
+    Xt = torch.cat([X, torch.ones(n, 1)], 1)
+    hat = Xt @ torch.linalg.solve(Xt.T @ Xt + n * lam / 2 * torch.eye(d + 1), Xt.T)
+    e = Xt @ theta - y
+    press = (e / (1 - hat.diagonal())) ** 2
+    np.testing.assert_allclose(res.loo_losses, press.numpy(), rtol=1e-8)
+
+
+def _small_mlp_data(seed=0, n=40, K=3):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, K))
+    X = torch.randn(n, 5)
+    y = torch.randint(0, K, (n,))
+    return net, X, y
+
+
+def test_identities_rank_and_first_order_tic():
+    net, X, y = _small_mlp_data()
+    lam = 0.05
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=16)
+    res = approx_loo(md, lam, "exact")
+    rank = curvature(md, "fisher", "dense").soft_rank(lam)
+    assert res.soft_rank == pytest.approx(rank, rel=1e-8)
+    assert res.first_order_gap == pytest.approx(tic(md, lam, "dense").gap, rel=1e-8)
+
+
+def test_identities_with_n_train_and_per_tensor_lam():
+    net, X, y = _small_mlp_data(1)
+    lam = {n: v for n, v in zip(dict(net.named_parameters()), [0.1, 0.02, 0.05, 0.01])}
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=16, n_train=100)
+    res = approx_loo(md, lam, "exact")
+    assert res.soft_rank == pytest.approx(curvature(md, "fisher", "dense").soft_rank(lam),
+                                          rel=1e-8)
+    assert res.first_order_gap == pytest.approx(tic(md, lam, "dense").gap, rel=1e-8)
+
+
+def test_kfac_is_exact_for_linear_mse():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(30, 4, generator=g)
+    Y = torch.randn(30, 2, generator=g)
+    lin = nn.Linear(4, 2)
+    md = ModelData(lin, nn.MSELoss(), X, Y, batch_size=8)
+    exact, kfac = approx_loo(md, 0.1, "exact"), approx_loo(md, 0.1, "kfac")
+    np.testing.assert_allclose(kfac.loo_losses, exact.loo_losses, rtol=1e-9)
+
+
+def test_kfac_approaches_exact_as_lam_grows():
+    """KFAC's error in P_i vanishes relative to the prior term as λ dominates."""
+    net, X, y = _small_mlp_data(3)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=16)
+    errs = []
+    for lam in [0.01, 1.0, 100.0]:
+        e, k = approx_loo(md, lam, "exact"), approx_loo(md, lam, "kfac")
+        errs.append(abs(k.gap - e.gap) / abs(e.gap))
+    assert errs[-1] < errs[0] and errs[-1] < 1e-2
+
+
+def test_subsample_converges_to_exact():
+    net, X, y = _small_mlp_data(4)
+    lam = 0.05
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=16)
+    exact = approx_loo(md, lam, "exact")
+    full = approx_loo(md, lam, "subsample", n_points=md.n, random_state=0, tol=1e-12)
+    np.testing.assert_allclose(full.loo_losses, exact.loo_losses, rtol=1e-7)
+    assert full.diagnostics["converged"]
+    part = approx_loo(md, lam, "subsample", n_points=15, random_state=0)
+    assert part.stderr > 0
+    assert abs(part.gap - exact.gap) < 4 * part.stderr
+    # the subset's points agree with the exact values for those points
+    np.testing.assert_allclose(part.loo_losses, exact.loo_losses[part.indices], rtol=1e-6)
+
+
+def test_model_untouched_and_errors():
+    net, X, y = _small_mlp_data(5)
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y)
+    approx_loo(md, 0.1, "exact")
+    approx_loo(md, 0.1, "kfac")
+    assert net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    with pytest.raises(ValueError, match="lam must be > 0"):
+        approx_loo(md, 0.0)
+    with pytest.raises(ValueError, match="method must be one of"):
+        approx_loo(md, 0.1, "bogus")
+    with pytest.raises(ValueError, match="n_points"):
+        approx_loo(md, 0.1, "subsample", n_points=10_000)
+    with pytest.raises(ValueError, match="needs labels"):
+        approx_loo(ModelData(net, nn.CrossEntropyLoss(), X), 0.1)
