@@ -57,6 +57,12 @@ class LossFamily:
     def sample(self, z: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def sampled_residual(self, z: torch.Tensor, generator: torch.Generator | None = None
+                         ) -> torch.Tensor:
+        r"""(N, K) residual at a label drawn from the model, scaled so that
+        :math:`\mathbb E[r r^\top] = A` (the sampled Fisher is unbiased)."""
+        return self.residual(z, self.prepare_target(self.sample(z, generator), z))
+
     def check_target(self, y: torch.Tensor, z: torch.Tensor) -> None:
         """Raise a clear error when labels cannot belong to this output."""
 
@@ -139,6 +145,10 @@ class Bernoulli(LossFamily):
     def sample(self, z, generator=None):
         return torch.bernoulli(torch.sigmoid(z.double()), generator=generator).to(z.dtype)
 
+    def sampled_residual(self, z, generator=None):
+        # ℓ is the mean of K independent NLLs: A = Fisher/K but E[r rᵀ] = Fisher/K²
+        return super().sampled_residual(z, generator) * z.shape[1] ** 0.5
+
 
 class Gaussian(LossFamily):
     r"""MSELoss (mean reduction) with ``d`` outputs: :math:`\ell = \frac1d\|z-y\|^2`,
@@ -198,6 +208,10 @@ class Poisson(LossFamily):
 
     def sample(self, z, generator=None):
         return torch.poisson(torch.exp(z.double()), generator=generator).to(z.dtype)
+
+    def sampled_residual(self, z, generator=None):
+        # ℓ is the mean of K independent NLLs: A = Fisher/K but E[r rᵀ] = Fisher/K²
+        return super().sampled_residual(z, generator) * z.shape[1] ** 0.5
 
 
 class GenericGGN(LossFamily):

@@ -26,6 +26,7 @@ Three ways to get :math:`P_i` (``method``):
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -145,6 +146,19 @@ def approx_loo(md, lam, method: str = "exact", *, n_points: int | None = None,
     z_loo = z + (P @ step).squeeze(2)
     loo = fam.loss(z_loo, y).numpy()
     own = fam.loss(z, y).numpy()
+    # spectrum of A_i P_i (= that of B_iᵀ P_i B_i): in [0, 1) for the exact P_i; a value ≥ 1
+    # means the approximate curvature does not dominate the point's own term, and the
+    # leave-one-out Newton step for that point is meaningless
+    leverage = torch.linalg.eigvalsh(Bf.transpose(1, 2) @ P @ Bf).max(1).values
+    invalid = int((leverage >= 1).sum())
+    diagnostics.update(max_point_leverage=float(leverage.max()), invalid_points=invalid)
+    if invalid:
+        warnings.warn(
+            f"ApproxLOO(method={method!r}): for {invalid} of {len(leverage)} points the "
+            f"approximate curvature does not dominate the point's own term (max eigenvalue of "
+            f"A_i P_i = {float(leverage.max()):.3g} ≥ 1), so their leave-one-out step is "
+            "invalid and the estimate is unreliable; use method='exact' or 'subsample'",
+            RuntimeWarning, stacklevel=2)
     rank_terms = torch.einsum("ikl,ilk->i", A, P)
     first = torch.einsum("ik,ikl,il->i", r, P, r)
     if method == "subsample":

@@ -76,6 +76,7 @@ def soft_rank(md, lam, approximation: str = "exact", matrix: str = "fisher", *,
     L = M.lam(lam)
     value = M.soft_rank(L)
     diag = {"matrix": matrix, "n_curvature_samples": md.n}
+    _add_error_bar(diag, M)
     gap = None
     if matrix == "fisher":
         diag["calibrated_gap"] = value / md.n_train
@@ -102,21 +103,22 @@ def tic(md, lam, approximation: str = "exact", variant: str = "fisher", *,
     if variant not in ("fisher", "hessian"):
         raise ValueError(f"variant must be 'fisher' or 'hessian'; got {variant!r}")
     matrix = "fisher" if variant == "fisher" else "hessian"
-    if variant == "hessian" and approximation not in ("exact", "dense"):
-        raise ValueError("TIC(variant='hessian') needs the Hessian, available dense (small p) "
-                         f"in this version; got approximation={approximation!r}")
+    if variant == "hessian" and approximation not in ("exact", "dense", "matrix_free"):
+        raise ValueError("TIC(variant='hessian') needs the Hessian: approximation='dense' "
+                         f"(small p) or 'matrix_free'; got approximation={approximation!r}")
     M = curvature(md, matrix, approximation, max_params=max_params, **kw)
     L = M.lam(lam)
     diag = {"variant": variant, "centered": centered}
+    if variant == "hessian" and not M.is_positive_definite_with(L):
+        warnings.warn("H + Λ is not positive definite at these parameters; the Hessian TIC "
+                      "is unreliable (use variant='fisher')", IndefiniteWarning, stacklevel=2)
+        diag["indefinite"] = True
     if isinstance(M, DenseCurvature):
-        if variant == "hessian" and not M.is_positive_definite_with(L):
-            warnings.warn("H + Λ is not positive definite at these parameters; the Hessian TIC "
-                          "is unreliable (use variant='fisher')", IndefiniteWarning, stacklevel=2)
-            diag["indefinite"] = True
         C = curvature(md, "gsm", "dense", centered=centered, max_params=max_params)
         value = float(torch.linalg.solve(M.M + torch.diag(L.vector), C.M).trace())
     else:
         value = M.tic_sum(md.rules, md.batches("residual"), L) / md.n
+        _add_error_bar(diag, M, 1.0 / md.n)
         if centered:
             gbar = curvature(md, "gsm", "diagonal")  # cheap pass for ḡ
             g = _gradient_mean(md)
@@ -134,6 +136,13 @@ def _gradient_mean(md) -> torch.Tensor:
     return torch.cat(sums) / md.n
 
 
+def _add_error_bar(diag: dict, M, scale: float = 1.0) -> None:
+    """stderr (scaled like the value), n_matvec and converged of a stochastic estimate."""
+    est = getattr(M, "last_estimate", None)
+    if est is not None:
+        diag.update(stderr=est.stderr * scale, n_matvec=est.n_matvec, converged=est.converged)
+
+
 def trace_ratio(md) -> MeasureResult:
     r""":math:`\alpha = \mathrm{Tr}\,C/\mathrm{Tr}\,F` (exact traces); gap estimate α/n.
     α > 1: over-confident, α < 1: under-confident, α = 1 when calibrated."""
@@ -145,17 +154,23 @@ def trace_ratio(md) -> MeasureResult:
                          {"trace_C": tr_c, "trace_F": tr_f})
 
 
-def hessian_norms(md, ord: str = "trace", *, max_params: int = DEFAULT_MAX_PARAMS
-                  ) -> MeasureResult:
+def hessian_norms(md, ord: str = "trace", *, max_params: int = DEFAULT_MAX_PARAMS,
+                  approximation: str = "dense", **kw) -> MeasureResult:
     """Tr H (``ord='trace'``), largest eigenvalue ‖H‖₂ (``'spectral'``) or ‖H‖_F
-    (``'frobenius'``) of the dense Hessian. Baselines: no gap estimate."""
+    (``'frobenius'``) of the Hessian: dense (small p), or ``approximation='matrix_free'``
+    (Hutch++, Lanczos, Hutch++ on H²; ``kw``: n_probes, lanczos_steps, random_state, ...)
+    with ``diagnostics['stderr']``. Baselines: no gap estimate."""
     if ord not in ("trace", "spectral", "frobenius"):
         raise ValueError(f"ord must be 'trace', 'spectral' or 'frobenius'; got {ord!r}")
-    H = curvature(md, "hessian", "dense", max_params=max_params)
-    value = {"trace": H.trace, "spectral": lambda: float(H.eigvals().max()),
-             "frobenius": H.frobenius_norm}[ord]()
-    return MeasureResult(f"hessian_{ord}", float(value), None, md.n_train, None, "dense",
-                         {"ord": ord})
+    if approximation == "exact":
+        approximation = "dense"
+    H = curvature(md, "hessian", approximation, max_params=max_params, **kw)
+    largest = getattr(H, "largest_eigenvalue", lambda: float(H.eigvals().max()))
+    value = {"trace": H.trace, "spectral": largest, "frobenius": H.frobenius_norm}[ord]()
+    diag = {"ord": ord}
+    _add_error_bar(diag, H)
+    return MeasureResult(f"hessian_{ord}", float(value), None, md.n_train, None,
+                         H.approximation, diag)
 
 
 def effective_dimension(md, lam, approximation: str = "exact", matrix: str = "fisher",
@@ -164,5 +179,8 @@ def effective_dimension(md, lam, approximation: str = "exact", matrix: str = "fi
     family, SPEC §4)."""
     M = curvature(md, matrix, approximation, **kw)
     L = M.lam(lam)
-    return MeasureResult("effective_dimension", M.logdet_dim(L), None, md.n_train,
-                         _lam_repr(L), M.approximation, {"matrix": matrix})
+    value = M.logdet_dim(L)
+    diag = {"matrix": matrix}
+    _add_error_bar(diag, M)
+    return MeasureResult("effective_dimension", value, None, md.n_train,
+                         _lam_repr(L), M.approximation, diag)

@@ -265,10 +265,8 @@ class ModelData:
             K = zd.shape[1]
             vecs = torch.eye(K, dtype=zd.dtype, device=zd.device)[:, None, :].expand(K, len(zd), K)
         elif vectors == "sampled":
-            vecs = torch.stack([
-                self.family.residual(zd, self.family.prepare_target(
-                    self.family.sample(zd, generator), zd)) for _ in range(mc_samples)
-            ]) / mc_samples ** 0.5
+            vecs = torch.stack([self.family.sampled_residual(zd, generator)
+                                for _ in range(mc_samples)]) / mc_samples ** 0.5
         else:
             raise ValueError(f"unknown vectors {vectors!r}")
         outs = [outputs[i] for i in range(len(rules))]

@@ -9,7 +9,14 @@ from softrank.loo import approx_loo
 from softrank.measures import tic
 from softrank.model import ModelData
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64_default():
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _fit_linear(X, y, loss_fn, n_out, lam, n_reg, mask=None, init=None):

@@ -11,6 +11,9 @@ approximation  how                                                             m
 ``exact``      ``dense`` when p ≤ max_params, else ``gram``                    as those
 =============  ==============================================================  ============
 
+``matrix_free``: products only (F, F_MC, C, H) — SLQ, Hutch++, Lanczos, CG/MINRES, each estimate
+with its standard error (:mod:`.matfree`).
+
 Matrices: ``fisher`` (F = GGN), ``fisher_mc`` (sampled Fisher), ``gsm`` (C, the gradient second
 moment at the true labels; ``centered=True`` subtracts ḡḡᵀ) and ``hessian`` (H).
 """
@@ -26,12 +29,14 @@ from .diagonal import DiagonalCurvature
 from .gram import GramCurvature
 from .hessian import hessian_vector_product
 from .kronecker import KroneckerCurvature
+from .matfree import MatrixFreeCurvature
 
 __all__ = ["curvature", "Curvature", "DenseCurvature", "GramCurvature", "DiagonalCurvature",
-           "KroneckerCurvature", "hessian_vector_product", "per_sample_jacobians",
+           "KroneckerCurvature", "MatrixFreeCurvature", "hessian_vector_product",
+           "per_sample_jacobians",
            "APPROXIMATIONS", "MATRICES", "make_generator"]
 
-APPROXIMATIONS = ("exact", "dense", "gram", "diagonal", "kfac", "ekfac")
+APPROXIMATIONS = ("exact", "dense", "gram", "diagonal", "kfac", "ekfac", "matrix_free")
 MATRICES = ("fisher", "fisher_mc", "gsm", "hessian")
 _VECTORS = {"fisher": "fisher", "fisher_mc": "sampled", "gsm": "residual"}
 
@@ -44,10 +49,16 @@ def make_generator(random_state, device="cpu") -> torch.Generator:
 
 def curvature(md, matrix: str = "fisher", approximation: str = "exact", *,
               random_state=None, mc_samples: int = 1, centered: bool = False,
-              max_params: int = DEFAULT_MAX_PARAMS, max_rows: int = 20000) -> Curvature:
+              max_params: int = DEFAULT_MAX_PARAMS, max_rows: int = 20000,
+              memory_budget=None, **options) -> Curvature:
     """Build the representation of ``matrix`` for a :class:`~softrank.model.ModelData`.
 
-    ``random_state`` seeds the labels drawn for ``fisher_mc``; ``mc_samples`` labels per input.
+    ``random_state`` seeds the labels drawn for ``fisher_mc`` (and the probes of
+    ``matrix_free``); ``mc_samples`` labels per input. ``memory_budget`` (bytes or '2GB'):
+    refuse with a MemoryError, before any data pass, when :func:`softrank.memory.estimate_memory`
+    says the representation needs more. ``options`` go to
+    :class:`~softrank.curvature.matfree.MatrixFreeCurvature` (n_probes, lanczos_steps, tol,
+    maxiter, preconditioner, block_size).
     """
     if matrix not in MATRICES:
         raise ValueError(f"matrix must be one of {MATRICES}; got {matrix!r}")
@@ -59,6 +70,15 @@ def curvature(md, matrix: str = "fisher", approximation: str = "exact", *,
         md.require_fisher("the sampled Fisher (matrix='fisher_mc')")
     if approximation == "exact":
         approximation = "dense" if md.n_params <= max_params or matrix == "hessian" else "gram"
+    if options and approximation != "matrix_free":
+        raise TypeError(f"options {sorted(options)} apply to approximation='matrix_free' only")
+    if memory_budget is not None:
+        from ..memory import check_memory
+        check_memory(md, approximation, matrix, memory_budget, max_params=max_params,
+                     mc_samples=mc_samples, **options)
+    if approximation == "matrix_free":
+        return MatrixFreeCurvature(md, matrix, random_state=random_state, mc_samples=mc_samples,
+                                   centered=centered, **options)
     gen = make_generator(random_state, md.device) if matrix == "fisher_mc" else None
     if approximation == "dense":
         return dense_curvature(md, matrix, generator=gen, mc_samples=mc_samples,

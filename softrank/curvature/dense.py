@@ -67,7 +67,7 @@ def dense_curvature(md, matrix: str, *, generator=None, mc_samples: int = 1,
             elif matrix == "gsm":
                 V = fam.residual(z, y).unsqueeze(2)
             elif matrix == "fisher_mc":
-                V = torch.stack([fam.residual(z, fam.prepare_target(fam.sample(z, generator), z))
+                V = torch.stack([fam.sampled_residual(z, generator)
                                  for _ in range(mc_samples)], 2) / mc_samples ** 0.5
             else:
                 raise ValueError(f"unknown matrix {matrix!r}")

@@ -26,6 +26,23 @@ from .base import Curvature
 __all__ = ["GramCurvature"]
 
 
+def _inverse_column_norms(L: torch.Tensor, leaf: int = 512) -> torch.Tensor:
+    r"""Squared column norms of :math:`L^{-1}` for lower-triangular L: the diagonal of
+    :math:`(LL^\top)^{-1}`. With :math:`L = [[A, 0], [B, C]]`,
+    :math:`L^{-1} = [[A^{-1}, 0], [-C^{-1}BA^{-1}, C^{-1}]]`: two triangular solves per level,
+    about n³/3 flops in all (``cholesky_inverse``: 2n³/3) and no n×n inverse in memory."""
+    n = L.shape[0]
+    if n <= leaf:
+        eye = torch.eye(n, dtype=L.dtype, device=L.device)
+        return torch.linalg.solve_triangular(L, eye, upper=False).square_().sum(0)
+    h = n // 2
+    A, B, C = L[:h, :h], L[h:, :h], L[h:, h:]
+    Z = torch.linalg.solve_triangular(A, torch.linalg.solve_triangular(C, B, upper=False),
+                                      upper=False, left=False)  # C⁻¹ B A⁻¹
+    return torch.cat([_inverse_column_norms(A, leaf) + Z.square_().sum(0),
+                      _inverse_column_norms(C, leaf)])
+
+
 class GramCurvature(Curvature):
     approximation = "gram"
     exact = True
@@ -59,7 +76,10 @@ class GramCurvature(Curvature):
         return out
 
     def _block(self, f1, f2, lw):
-        blk = sum(r.kernel(a, b, w) for r, a, b, w in zip(self.rules, f1, f2, lw))
+        blk = None
+        for r, a, b, w in zip(self.rules, f1, f2, lw):
+            k = r.kernel(a, b, w)  # a fresh tensor: summed in place
+            blk = k if blk is None else blk.add_(k)
         N1, V1, N2, V2 = blk.shape
         return blk.reshape(N1 * V1, N2 * V2)
 
@@ -178,13 +198,13 @@ class GramCurvature(Curvature):
         L = self.lam(lam)
         if L.scalar is not None and self._eig is not None:
             return super().soft_rank(L)
-        inv = torch.cholesky_inverse(self._cholesky(L))
-        return float(self.n_rows - inv.diagonal().sum())
+        inv_diag = _inverse_column_norms(self._cholesky(L))  # diag (I + K̃)⁻¹
+        return float(self.n_rows - inv_diag.sum())
 
     def leverage(self, lam) -> torch.Tensor:
         r"""Per-sample :math:`\mathrm{Tr}\,F_i(F+\Lambda)^{-1}/n` (sums to the soft rank)."""
         L = self.lam(lam)
-        inv_diag = torch.cholesky_inverse(self._cholesky(L)).diagonal()
+        inv_diag = _inverse_column_norms(self._cholesky(L))
         return (1.0 - inv_diag).reshape(self.md.n, self.V).sum(1)
 
     def logdet_dim(self, lam):

@@ -1,6 +1,6 @@
 r"""Hessian of the mean training loss, :math:`H = \nabla^2_\theta \frac1n\sum_i \ell_i`.
 
-``hessian_vector_product`` streams batches (``torch.func.jvp`` of ``torch.func.grad``), for
+``hessian_vector_product`` streams batches (``torch.func.vjp`` of ``torch.func.grad``), for
 matrix-free methods; the dense Hessian (small p) is built by
 :func:`softrank.curvature.dense.dense_curvature` with ``matrix='hessian'``.
 For ReLU networks :math:`\mathrm{Tr}\,H = \mathrm{Tr}\,F` exactly (SPEC §5).
@@ -26,9 +26,10 @@ def hessian_vector_product(md, v: torch.Tensor) -> torch.Tensor:
         xb = md.X[start:start + md.batch_size].to(md.device)
         yb = md.y[start:start + md.batch_size].to(md.device)
 
-        def hvp(u):
-            return torch.func.jvp(lambda th: grad(th, xb, yb), (theta,), (u,))[1]
-
-        out += torch.func.vmap(hvp, in_dims=1, out_dims=1)(V.to(theta.dtype)).double()
+        # reverse-over-reverse (H is symmetric, so vjp of the gradient is H u): unlike
+        # forward-over-reverse it also works for criteria without forward AD (e.g. HuberLoss)
+        _, vjp = torch.func.vjp(lambda th: grad(th, xb, yb), theta)
+        out += torch.func.vmap(lambda u: vjp(u)[0], in_dims=1, out_dims=1)(
+            V.to(theta.dtype)).double()
     out /= md.n
     return out if cols else out[:, 0]

@@ -49,19 +49,34 @@ class KroneckerCurvature(Curvature):
                 G[k] = G[k] + g_sum.cpu()
         self.A = [a / md.n for a in A]
         self.G = [g / md.n for g in G]
-        self.UA, self.UG, self.E = [], [], []
-        for a, g in zip(self.A, self.G):
-            ea, ua = torch.linalg.eigh(a)
-            eg, ug = torch.linalg.eigh(g)
-            self.UA.append(ua)
-            self.UG.append(ug)
-            self.E.append(torch.outer(eg.clamp_min(0), ea.clamp_min(0)))  # (d_out, d_in~)
+        self._UA = self._UG = None  # eigenvectors: computed on first use (soft rank needs none)
         if ekfac:
-            S = [torch.zeros_like(e) for e in self.E]
+            S = [torch.zeros(len(g), len(a), dtype=torch.float64) for a, g in zip(self.A, self.G)]
             for b in md.batches(vectors, generator, mc_samples):
                 for k, (r, lb) in enumerate(zip(self.rules, b.layers)):
                     S[k] += self._squared_coords(r, lb, self.UA[k], self.UG[k]).cpu()
             self.E = [s / md.n for s in S]
+        else:  # eigenvalues a_k g_j, (d_out, d_in~)
+            self.E = [torch.outer(torch.linalg.eigvalsh(g).clamp_min(0),
+                                  torch.linalg.eigvalsh(a).clamp_min(0))
+                      for a, g in zip(self.A, self.G)]
+
+    @property
+    def UA(self) -> list[torch.Tensor]:
+        """Eigenvectors of the A factors (columns), one per layer."""
+        self._eigenvectors()
+        return self._UA
+
+    @property
+    def UG(self) -> list[torch.Tensor]:
+        """Eigenvectors of the G factors (columns), one per layer."""
+        self._eigenvectors()
+        return self._UG
+
+    def _eigenvectors(self):
+        if self._UA is None:
+            self._UA = [torch.linalg.eigh(a)[1] for a in self.A]
+            self._UG = [torch.linalg.eigh(g)[1] for g in self.G]
 
     @staticmethod
     def _squared_coords(r, lb, UA, UG):

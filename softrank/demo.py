@@ -1,0 +1,246 @@
+r"""``softrank demo``: do the training-set measures rank models by their generalization gap?
+
+On scikit-learn's bundled digits (fixed split, :func:`softrank.datasets.load_digits_split`) a
+small grid of skorch MLPs differing in width, weight decay and training-set size is trained
+(``train_split=None``, so n is the training-set size). Every measure of :data:`MEASURES` is
+computed on each model's **training** data; the test set only gives the observed gap
+(test loss − train loss, both in evaluation mode). One table is printed, then the Kendall τ
+of each measure against the observed gap.
+
+Adding a measure is one entry in :data:`MEASURES`: ``(column name, factory(net, approximation,
+seed) -> GapEstimator, what)`` with ``what`` in {'gap', 'measure'} — the column shows ``gap_``
+or ``measure_``.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import product
+
+import numpy as np
+import torch
+from scipy.stats import kendalltau
+from torch import nn
+
+from .curvature import APPROXIMATIONS
+from .datasets import load_digits_split
+from .estimators import TIC, ApproxLOO, HessianNorm, SoftRankFIM, TraceRatio
+from .model import ModelData
+from .skorch_adapter import mean_loss, output_transform
+
+__all__ = ["MLP", "make_mlp_classifier", "ModelSpec", "MEASURES", "model_grid", "run_demo",
+           "main"]
+
+
+class MLP(nn.Module):
+    """``n_features → hidden (ReLU) → n_classes``; ``softmax=True`` outputs probabilities (for
+    skorch's default NLLLoss), else logits (for CrossEntropyLoss); ``dtype`` of the weights."""
+
+    def __init__(self, n_features: int = 64, hidden: int = 32, n_classes: int = 10,
+                 softmax: bool = False, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.hidden = nn.Linear(n_features, hidden, dtype=dtype)
+        self.out = nn.Linear(hidden, n_classes, dtype=dtype)
+        self.softmax = softmax
+
+    def forward(self, X):
+        z = self.out(torch.relu(self.hidden(X)))
+        return torch.softmax(z, dim=-1) if self.softmax else z
+
+
+def make_mlp_classifier(hidden: int = 32, weight_decay: float = 1e-3, *, n_features: int = 64,
+                        n_classes: int = 10, max_epochs: int = 60, lr: float = 0.01,
+                        batch_size: int = 64, train_split=None, **kwargs):
+    """A skorch ``NeuralNetClassifier`` around :class:`MLP` (CrossEntropyLoss on logits, Adam
+    with L2 ``weight_decay`` = Λ, silent)."""
+    from skorch import NeuralNetClassifier
+
+    return NeuralNetClassifier(
+        MLP, module__n_features=n_features, module__hidden=hidden, module__n_classes=n_classes,
+        criterion=nn.CrossEntropyLoss, optimizer=torch.optim.Adam, lr=lr,
+        optimizer__weight_decay=weight_decay, max_epochs=max_epochs, batch_size=batch_size,
+        train_split=train_split, verbose=0, **kwargs)
+
+
+# -- the measures --------------------------------------------------------------------------------
+def _soft_rank(net, approximation, seed):
+    return SoftRankFIM(net, approximation=approximation, prefit=True, random_state=seed)
+
+
+def _soft_rank_calibrated(net, approximation, seed):
+    return SoftRankFIM(net, approximation=approximation, calibrated=True, prefit=True,
+                       random_state=seed)
+
+
+def _tic(net, approximation, seed):
+    return TIC(net, approximation=approximation, variant="fisher", prefit=True,
+               random_state=seed)
+
+
+def _trace_ratio(net, approximation, seed):
+    return TraceRatio(net, prefit=True, random_state=seed)
+
+
+def _approx_loo(net, approximation, seed):
+    method = "kfac" if approximation in ("kfac", "ekfac", "diagonal") else "exact"
+    return ApproxLOO(net, method=method, prefit=True, random_state=seed)
+
+
+def _hessian_trace(net, approximation, seed):
+    # the dense Hessian costs ~p Hessian-vector products per sample: a 256-sample subsample
+    return HessianNorm(net, ord="trace", n_curvature_samples=256, prefit=True, random_state=seed)
+
+
+#: (column, factory(net, approximation, seed) -> GapEstimator, 'gap' or 'measure')
+MEASURES = [
+    ("softrank_gap", _soft_rank, "gap"),
+    ("rank/n", _soft_rank_calibrated, "gap"),
+    ("TIC_gap", _tic, "gap"),
+    ("traceratio_gap", _trace_ratio, "gap"),
+    ("ApproxLOO_gap", _approx_loo, "gap"),
+    ("trace(H)", _hessian_trace, "measure"),
+]
+
+
+# -- the grid ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSpec:
+    hidden: int
+    weight_decay: float
+    n_train: int
+
+    @property
+    def name(self) -> str:
+        return f"h{self.hidden}-wd{self.weight_decay:g}-n{self.n_train}"
+
+
+def model_grid(quick: bool = False) -> list[ModelSpec]:
+    """12 models (4 with ``quick``): width × weight decay × training-set size."""
+    if quick:
+        return [ModelSpec(h, wd, n) for h, wd, n in
+                [(16, 1e-4, 300), (32, 1e-2, 300), (16, 1e-2, 1257), (32, 1e-4, 1257)]]
+    return [ModelSpec(h, wd, n) for h, wd, n in
+            product((16, 32), (1e-4, 1e-3, 1e-2), (300, 1257))]
+
+
+def _eval_loss(net, X, y) -> float:
+    """Mean loss in evaluation mode (on a private copy of the module), criterion as trained."""
+    return mean_loss(ModelData(net.module_, net.criterion_, X, y,
+                               output_transform=output_transform(net)))
+
+
+def evaluate_model(spec: ModelSpec, data, approximation: str, seed: int) -> dict:
+    """Train one MLP on the first ``spec.n_train`` training samples and measure it."""
+    X, y = data.X_train[:spec.n_train], data.y_train[:spec.n_train]
+    torch.manual_seed(seed)
+    net = make_mlp_classifier(spec.hidden, spec.weight_decay, n_classes=data.n_classes)
+    net.fit(X, y)
+    row = {"model": spec.name, "n": spec.n_train}
+    row["train_loss"] = _eval_loss(net, X, y)
+    row["test_loss"] = _eval_loss(net, data.X_test, data.y_test)
+    row["observed_gap"] = row["test_loss"] - row["train_loss"]
+    for column, factory, what in MEASURES:
+        est = factory(net, approximation, seed).fit(X, y)
+        row[column] = est.gap_ if what == "gap" else est.measure_
+    return row
+
+
+def _progress(total, enabled):
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(total=total, desc="training and measuring", unit="model", disable=not enabled,
+                file=sys.stderr)
+
+
+@contextmanager
+def _torch_threads(n: int | None):
+    """Tiny models train and measure fastest on one thread (and far faster than on two when
+    the cores are shared); restore the setting afterwards."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def run_demo(approximation: str = "kfac", quick: bool = False, seed: int = 0,
+             progress: bool = True, threads: int | None = 1) -> tuple[list[dict], dict]:
+    """(rows, {measure column: Kendall τ against the observed gap})."""
+    data = load_digits_split(random_state=seed)
+    rows = []
+    bar = _progress(len(model_grid(quick)), progress)
+    with _torch_threads(threads):
+        for spec in model_grid(quick):
+            rows.append(evaluate_model(spec, data, approximation, seed))
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    gaps = [r["observed_gap"] for r in rows]
+    taus = {c: float(kendalltau([r[c] for r in rows], gaps).statistic) for c, _, _ in MEASURES}
+    return rows, taus
+
+
+def columns() -> list[str]:
+    return ["model", "n", "train_loss", "test_loss", "observed_gap"] + [c for c, _, _ in MEASURES]
+
+
+def _cell(v) -> str:
+    return v if isinstance(v, str) else (str(v) if isinstance(v, (int, np.integer)) else f"{v:.6g}")
+
+
+def format_table(rows, taus) -> str:
+    cols = columns()
+    cells = [cols] + [[_cell(r[c]) for c in cols] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append("")
+    lines.append("Kendall tau against the observed gap (training-set measures; +1 = same order):")
+    for c, _, _ in MEASURES:
+        lines.append(f"  tau[{c}] = {taus[c]:+.4f}")
+    return "\n".join(lines)
+
+
+def write_csv(path, rows) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns())
+        w.writeheader()
+        for r in rows:
+            w.writerow({c: r[c] for c in columns()})
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = parser or argparse.ArgumentParser(prog="softrank demo", description=__doc__.split("\n")[0])
+    p.add_argument("--approximation", default="kfac", choices=list(APPROXIMATIONS),
+                   help="curvature approximation for the soft rank and the TIC (default kfac)")
+    p.add_argument("--csv", metavar="PATH", help="also write the table to this CSV file")
+    p.add_argument("--quick", action="store_true", help="4 models instead of 12 (smoke test)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and the training")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: fastest for these tiny models)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(args: argparse.Namespace | None = None) -> int:
+    args = args if args is not None else build_parser().parse_args()
+    t0 = time.perf_counter()
+    rows, taus = run_demo(args.approximation, args.quick, args.seed,
+                          progress=not args.no_progress, threads=args.threads)
+    print(f"digits: {len(rows)} skorch MLPs, measures on the training data, "
+          f"approximation={args.approximation!r}, seed={args.seed}")
+    print(format_table(rows, taus))
+    if args.csv:
+        write_csv(args.csv, rows)
+        print(f"table written to {args.csv}")
+    print(f"time: {time.perf_counter() - t0:.1f} s")
+    return 0

@@ -1,0 +1,228 @@
+r"""How much memory each curvature representation needs — known before computing it.
+
+:func:`estimate_memory` adds up the large arrays an approximation allocates beyond what
+:class:`~softrank.model.ModelData` already holds (the model copy and the data X, y), from the
+layer shapes alone (one forward of a single sample gives them; no data pass, nothing is
+accumulated). With n samples, p parameters, batch size B, V backward vectors per sample (K
+columns of :math:`B_i` for F, 1 for C, ``mc_samples`` for F_MC), a activations per sample,
+per layer l the input width :math:`\tilde d_l` (bias folded in), output width
+:math:`d_l`, T_l positions (Conv2d), and 8-byte float64 (s bytes for the model dtype):
+
+==============  ==================================================================  ==========
+approximation   main terms                                                          grows with
+==============  ==================================================================  ==========
+dense           :math:`2\cdot 8p^2` (M and its eigendecomposition; H: 3×) +          p²
+                :math:`BKp(8+s)` (per-sample Jacobians)
+gram            :math:`3\cdot 8(nV)^2` (kernel, Cholesky, inverse) + the recorded    n², n
+                layer inputs / output gradients of all n samples
+diagonal        :math:`3\cdot 8p` + one batch of layer records                        p
+kfac, ekfac     :math:`\sum_l 8(2\tilde d_l^2 + 2d_l^2 + 2d_l\tilde d_l)` + one batch   layers
+matrix_free     Lanczos basis :math:`8\,\text{steps}\cdot p\cdot m` + :math:`6\cdot 8pm`   p
+                work vectors + per-batch tangents :math:`3Bams` (m = probes per block)
+==============  ==================================================================  ==========
+
+"one batch of layer records" is :math:`8B\sum_l T_l(\tilde d_l + V d_l)` plus the autograd
+graph :math:`2Bas(1+V)`; none of kfac, diagonal or matrix_free depends on n (they stream).
+Estimates are within a small factor of the measured peak (allocator slack, temporaries), meant
+to refuse configurations that cannot fit, not to account for every byte.
+
+:func:`check_memory` raises :class:`MemoryError` before any data pass when the estimate
+exceeds ``memory_budget`` (bytes, or a string such as ``"1.5GB"`` / ``"512MiB"``), naming the
+approximations that would fit.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["MemoryEstimate", "estimate_memory", "check_memory", "parse_bytes",
+           "MEMORY_APPROXIMATIONS"]
+
+MEMORY_APPROXIMATIONS = ("dense", "gram", "diagonal", "kfac", "ekfac", "matrix_free")
+F64 = 8
+_UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
+          "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes an approximation needs (``total``) and the terms they come from."""
+
+    approximation: str
+    matrix: str
+    total: int
+    breakdown: dict = field(default_factory=dict)
+
+    def __str__(self):
+        parts = ", ".join(f"{k} {_fmt(v)}" for k, v in
+                          sorted(self.breakdown.items(), key=lambda kv: -kv[1]) if v)
+        return f"{self.approximation} ({self.matrix}): {_fmt(self.total)} [{parts}]"
+
+
+def _fmt(b: float) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if b >= scale:
+            return f"{b / scale:.2f} {unit}"
+    return f"{int(b)} B"
+
+
+def parse_bytes(budget) -> int:
+    """Bytes from an int/float or a string with a unit ('1.5GB', '512 MiB', '2e9')."""
+    if isinstance(budget, (int, float)):
+        return int(budget)
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?I?B?)\s*", str(budget).upper())
+    if not m:
+        raise ValueError(f"memory_budget must be a number of bytes or a string such as '2GB'; "
+                         f"got {budget!r}")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+# -- layer shapes (one sample: no data pass) -------------------------------------------------------
+def _output_shapes(md) -> dict:
+    """Per-sample output shape of every leaf module, from a forward of a single sample."""
+    shapes, handles = {}, []
+    for name, mod in md.net.named_modules():
+        if not list(mod.children()):
+            handles.append(mod.register_forward_hook(
+                lambda m, a, o, name=name: shapes.__setitem__(
+                    name, tuple(o.shape[1:]) if torch.is_tensor(o) else None)))
+    try:
+        with torch.no_grad():
+            md.net(md.X[:1].to(md.device))
+    finally:
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _numel(shape) -> int:
+    out = 1
+    for s in shape or ():
+        out *= s
+    return out
+
+
+@dataclass(frozen=True)
+class _Layout:
+    n: int
+    p: int
+    B: int
+    K: int
+    s: int  # bytes per element of the model dtype
+    act: int  # activations per sample (elements)
+    layers: list  # (numel, d_in_tilde or None, d_out or None, T) per rule
+
+
+def _layout(md) -> _Layout:
+    shapes = _output_shapes(md)
+    act = md.X[0].numel() + sum(_numel(s) for s in shapes.values())
+    layers = []
+    for r in md.rules:
+        if getattr(r, "kfac_capable", False):
+            out = shapes.get(r.name)
+            T = max(1, _numel(out) // r.d_out) if out else 1
+            layers.append((r.numel, r.d_in_tilde, r.d_out, T))
+        else:
+            layers.append((r.numel, None, None, 1))
+    s = torch.empty((), dtype=md.dtype).element_size()
+    return _Layout(md.n, md.n_params, min(md.batch_size, md.n), md.n_outputs, s, act, layers)
+
+
+def _vectors(md, matrix, mc_samples) -> int:
+    return {"fisher": md.n_outputs, "gsm": 1, "fisher_mc": mc_samples}.get(matrix, 1)
+
+
+def _batch_records(L: _Layout, V: int, rows: int) -> int:
+    """Recorded inputs / output gradients (float64) of ``rows`` samples, plus per-sample
+    gradients of generic layers."""
+    total = 0
+    for numel, d_in, d_out, T in L.layers:
+        if d_in is None:
+            total += V * rows * numel * F64
+        else:
+            total += rows * T * (d_in + V * d_out) * F64
+    return total
+
+
+def _graph(L: _Layout, V: int) -> int:
+    return 2 * L.B * L.act * L.s * (1 + V)
+
+
+def _kronecker_factors(L: _Layout, ekfac: bool) -> int:
+    total = 0
+    for numel, d_in, d_out, T in L.layers:
+        if d_in is not None:
+            total += F64 * (2 * d_in ** 2 + 2 * d_out ** 2 + (3 if ekfac else 2) * d_in * d_out)
+    return total
+
+
+def estimate_memory(md, approximation: str = "exact", matrix: str = "fisher", *,
+                    max_params: int = 5000, mc_samples: int = 1, n_probes: int = 30,
+                    lanczos_steps: int = 30, block_size: int | None = None,
+                    preconditioner=None, **_) -> MemoryEstimate:
+    """Working memory of ``curvature(md, matrix, approximation, ...)`` (see the module table)."""
+    if approximation == "exact":
+        approximation = "dense" if md.n_params <= max_params or matrix == "hessian" else "gram"
+    if approximation not in MEMORY_APPROXIMATIONS:
+        raise ValueError(f"no memory model for approximation={approximation!r}; "
+                         f"known: {MEMORY_APPROXIMATIONS}")
+    L = _layout(md)
+    V = _vectors(md, matrix, mc_samples)
+    p, B = L.p, L.B
+    if approximation == "dense":
+        if matrix == "hessian":
+            parts = {"matrix and eigendecomposition": 3 * F64 * p * p,
+                     "per-batch Hessian": L.s * p * p}
+        else:
+            parts = {"matrix and eigendecomposition": 2 * F64 * p * p,
+                     "per-sample Jacobians": B * L.K * p * (F64 + L.s)}
+    elif approximation == "gram":
+        rows = L.n * V
+        parts = {"kernel, Cholesky, inverse": 3 * F64 * rows * rows,
+                 "recorded layer inputs/gradients (all n)": _batch_records(L, V, L.n),
+                 "autograd graph (one batch)": _graph(L, V)}
+    elif approximation == "diagonal":
+        parts = {"diagonal and sums": 3 * F64 * p,
+                 "layer records (one batch)": _batch_records(L, V, B),
+                 "autograd graph (one batch)": _graph(L, V)}
+    elif approximation in ("kfac", "ekfac"):
+        parts = {"Kronecker factors and eigenbases": _kronecker_factors(L, approximation == "ekfac"),
+                 "layer records (one batch)": _batch_records(L, V, B),
+                 "autograd graph (one batch)": _graph(L, V)}
+    else:
+        m = min(n_probes, block_size or n_probes)
+        parts = {"Lanczos basis": F64 * lanczos_steps * p * m,
+                 "work vectors": 6 * F64 * p * m,
+                 "tangents / cotangents (one batch)": 3 * B * L.act * m * L.s + m * p * L.s,
+                 "autograd graph (one batch)": 2 * B * L.act * L.s}
+        if preconditioner in ("kfac", "diagonal"):
+            pre = estimate_memory(md, preconditioner, "fisher")
+            parts["preconditioner"] = pre.total
+    return MemoryEstimate(approximation, matrix, int(sum(parts.values())), parts)
+
+
+def check_memory(md, approximation: str, matrix: str, memory_budget, **options) -> MemoryEstimate:
+    """Raise :class:`MemoryError` (before any data pass) when the estimate of
+    ``approximation`` exceeds ``memory_budget``; return the estimate otherwise."""
+    budget = parse_bytes(memory_budget)
+    est = estimate_memory(md, approximation, matrix, **options)
+    if est.total <= budget:
+        return est
+    fits = []
+    for other in MEMORY_APPROXIMATIONS:
+        if other == est.approximation or (matrix == "hessian" and other not in
+                                          ("dense", "matrix_free")):
+            continue
+        try:
+            o = estimate_memory(md, other, matrix, **options)
+        except Exception:  # noqa: BLE001 - only for the suggestion
+            continue
+        if o.total <= budget:
+            fits.append(f"{other} (~{_fmt(o.total)})")
+    hint = ("; within budget: " + ", ".join(fits)) if fits else \
+        "; no approximation fits: reduce batch_size, n_probes/lanczos_steps or block_size"
+    raise MemoryError(f"approximation={est.approximation!r} for matrix={matrix!r} needs about "
+                      f"{_fmt(est.total)} ({est}), above memory_budget={_fmt(budget)}{hint}. "
+                      "Nothing was computed.")

@@ -1,0 +1,298 @@
+r"""Reading a skorch net: what the measures need from it, without changing it.
+
+Everything that knows about skorch lives here; :mod:`softrank.estimators` only asks
+
+* :func:`split_estimator` — a bare net, or a :class:`~sklearn.pipeline.Pipeline` ending in one
+  (the measures run on the net, with ``X`` transformed by the preceding steps);
+* :func:`is_fitted` / :func:`check_fitted` — skorch's own notion (``initialized_`` and
+  ``module_``), so a net restored with ``initialize()`` + ``load_params()`` counts as fitted;
+* :func:`output_transform` — ``NeuralNetClassifier`` with ``NLLLoss`` trains on
+  :math:`z = \log(p + \varepsilon)` of the module's probabilities (skorch's ``get_loss``);
+* :func:`check_X` / :func:`check_y` — data converted as skorch would train on it;
+* :func:`weight_decay_lam` — :math:`\Lambda` from the optimizer's parameter groups
+  (``weight_decay=wd`` on a mean loss is :math:`\Lambda = wd\cdot I`, SPEC §2);
+* :func:`n_trained` — n, the number of samples the net actually trained on (skorch's
+  ``train_split`` holds out 20 % by default);
+* :func:`mean_loss` — the mean loss in evaluation mode, with the criterion exactly as trained;
+* :func:`preserved_modes` — train/eval flags restored after delegating to ``net.predict``.
+
+None of these changes the net: parameters, buffers, modes, hooks and optimizer state stay
+bit-identical (SPEC §6).
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from sklearn.exceptions import NotFittedError
+from sklearn.pipeline import Pipeline
+from sklearn.utils import check_array, column_or_1d
+from sklearn.utils.multiclass import check_classification_targets
+from torch import nn
+
+try:  # skorch is a hard dependency; the guard only sharpens the error message
+    from skorch import NeuralNet, NeuralNetBinaryClassifier, NeuralNetClassifier
+    from skorch import NeuralNetRegressor
+except ImportError as e:  # pragma: no cover
+    raise ImportError("softrank's scikit-learn estimators need skorch: pip install skorch") from e
+
+__all__ = ["split_estimator", "is_fitted", "check_fitted", "net_kind", "output_transform",
+           "log_probabilities", "module_dtype", "check_X", "check_y", "num_samples",
+           "check_labels_seen", "classes_of",
+           "weight_decay_lam", "n_trained", "per_sample_loss", "mean_loss", "preserved_modes",
+           "NET_TYPES"]
+
+NET_TYPES = "a skorch NeuralNetClassifier, NeuralNetBinaryClassifier or NeuralNetRegressor"
+
+
+# -- what is wrapped -------------------------------------------------------------------------
+def split_estimator(estimator):
+    """(preprocessing pipeline or None, skorch net) of a net or a Pipeline ending in one."""
+    if isinstance(estimator, Pipeline):
+        net = estimator.steps[-1][1]
+        if not isinstance(net, NeuralNet):
+            raise TypeError(f"the Pipeline must end in {NET_TYPES}; its last step is "
+                            f"{type(net).__name__}")
+        return (estimator[:-1] if len(estimator.steps) > 1 else None), net
+    if isinstance(estimator, NeuralNet):
+        return None, estimator
+    raise TypeError(f"estimator must be {NET_TYPES} (or a Pipeline ending in one); got "
+                    f"{type(estimator).__name__}. Wrap a plain torch module in a skorch net first.")
+
+
+def net_kind(net) -> str | None:
+    """'classifier', 'binary', 'regressor', or None for another NeuralNet."""
+    if isinstance(net, NeuralNetBinaryClassifier):
+        return "binary"
+    if isinstance(net, NeuralNetClassifier):
+        return "classifier"
+    if isinstance(net, NeuralNetRegressor):
+        return "regressor"
+    return None
+
+
+def is_fitted(net) -> bool:
+    """skorch's notion of fitted: initialized, with a ``module_``."""
+    return bool(getattr(net, "initialized_", False)) and hasattr(net, "module_")
+
+
+def check_fitted(estimator, what: str = "prefit=True") -> None:
+    _, net = split_estimator(estimator)
+    if not is_fitted(net):
+        raise NotFittedError(
+            f"{what} but the wrapped {type(net).__name__} is not fitted (not initialized). Fit it "
+            "first (net.fit(X, y)), or use prefit='auto' to let the estimator fit a clone.")
+
+
+# -- outputs and dtypes ------------------------------------------------------------------------
+def log_probabilities(p: torch.Tensor) -> torch.Tensor:
+    r""":math:`z = \log(p + \varepsilon)`, what ``NeuralNetClassifier.get_loss`` feeds NLLLoss."""
+    return torch.log(p + torch.finfo(p.dtype).eps)
+
+
+def output_transform(net):
+    """The map from module output to the criterion's input z, as skorch's get_loss applies it."""
+    if isinstance(net, NeuralNetClassifier) and isinstance(net.criterion_, nn.NLLLoss):
+        return log_probabilities
+    return None
+
+
+def module_dtype(net) -> torch.dtype:
+    """Floating dtype of the fitted module's parameters (torch's default when it has none)."""
+    for p in net.module_.parameters():
+        if p.is_floating_point() and not isinstance(p, nn.parameter.UninitializedParameter):
+            return p.dtype
+    return torch.get_default_dtype()
+
+
+_NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+              torch.bfloat16: np.float32}
+
+
+# -- data ------------------------------------------------------------------------------------
+def check_X(X, dtype: torch.dtype | None = None) -> np.ndarray:
+    """Validate inputs (finite, numeric, ≥ 2-D, non-empty) and cast them to ``dtype``.
+
+    skorch feeds arrays to the module as they come; a float64 array into a float32 module
+    fails there. The measures cast to the module's dtype anyway, so the estimators do the same
+    when they train or evaluate a bare net."""
+    if torch.is_tensor(X):
+        X = X.detach().cpu().numpy()
+    X = check_array(X, dtype="numeric", allow_nd=True, ensure_all_finite=True,
+                    input_name="X")
+    target = _NP_DTYPES.get(dtype or torch.get_default_dtype(), np.float32)
+    return X.astype(target, copy=False)
+
+
+def check_y(net, y, n_samples: int | None = None, dtype: torch.dtype | None = None) -> np.ndarray:
+    """Targets as the net's criterion needs them: int64 class labels for a classifier, float
+    {0, 1} for a binary classifier, a 2-D float array for a regressor."""
+    if y is None:
+        raise ValueError("the estimator requires y to be passed, but the target y is None: the "
+                         "measures are computed at the true labels. Pass the training targets.")
+    if torch.is_tensor(y):
+        y = y.detach().cpu().numpy()
+    kind = net_kind(net)
+    if kind in ("classifier", "binary"):
+        y = column_or_1d(y, warn=True)
+        check_classification_targets(y)  # "Unknown label type: continuous" etc.
+        if y.dtype.kind not in "biuf":
+            raise ValueError(
+                f"{type(net).__name__} needs numeric class labels 0..K-1 (skorch does not encode "
+                f"labels); got dtype {y.dtype}. Encode them with sklearn.preprocessing."
+                "LabelEncoder first.")
+        y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
+        if not np.array_equal(y, np.round(y)):
+            raise ValueError(f"{type(net).__name__} needs integer class labels 0..K-1; y has "
+                             "non-integer values (a regression target?)")
+        if y.size and y.min() < 0:
+            raise ValueError(f"class labels must be 0..K-1 (skorch does not encode labels); got "
+                             f"a negative label {int(y.min())}. Encode them with LabelEncoder.")
+        if kind == "binary":
+            y = y.astype(_NP_DTYPES.get(dtype or torch.get_default_dtype(), np.float32))
+        else:
+            y = y.astype(np.int64)
+    elif kind == "regressor":
+        y = check_array(y, ensure_2d=False, dtype="numeric", input_name="y")
+        y = y.reshape(len(y), -1).astype(_NP_DTYPES.get(dtype or torch.get_default_dtype(),
+                                                         np.float32))
+    else:
+        y = check_array(y, ensure_2d=False, dtype=None, input_name="y")
+    if n_samples is not None and len(y) != n_samples:
+        raise ValueError(f"X and y have different numbers of samples: {n_samples} vs {len(y)}")
+    return y
+
+
+def num_samples(X) -> int:
+    """Number of samples of an array-like, DataFrame or tensor."""
+    shape = getattr(X, "shape", None)
+    return int(shape[0]) if shape is not None and len(shape) else len(X)
+
+
+def classes_of(net, n_outputs: int) -> np.ndarray:
+    """``net.classes_``, or 0..K-1 for a classifier restored without ever seeing y."""
+    try:
+        return np.asarray(net.classes_)
+    except AttributeError:
+        return np.arange(max(n_outputs, 2))
+
+
+def check_labels_seen(net, y) -> None:
+    """Raise when y holds class labels the fitted classifier never saw (``net.classes_``)."""
+    if net_kind(net) != "classifier":
+        return
+    try:
+        classes = np.asarray(net.classes_)
+    except AttributeError:
+        return
+    unseen = np.setdiff1d(np.unique(y), classes)
+    if unseen.size:
+        raise ValueError(f"labels not seen in training: {unseen.tolist()}; the net was trained on "
+                         f"classes_ = {classes.tolist()}. Measure on data from the same classes.")
+
+
+# -- Λ from the optimizer ----------------------------------------------------------------------
+def weight_decay_lam(net, param_names: list[str]) -> float | dict[str, float]:
+    r""":math:`\Lambda` from ``net.optimizer_``: a float when every measured parameter has the
+    same ``weight_decay``, else ``{parameter name: weight_decay}`` (parameter groups)."""
+    opt = getattr(net, "optimizer_", None)
+    if opt is None:
+        raise ValueError("lam='auto' reads the optimizer's weight_decay, but the net has no "
+                         "optimizer_; pass lam explicitly.")
+    if "AdamW" in type(opt).__name__:
+        warnings.warn(f"{type(opt).__name__} decouples weight decay from the loss gradient, so "
+                      "Λ = weight_decay is only an approximation of its regularization; pass lam "
+                      "explicitly to silence this warning", UserWarning, stacklevel=3)
+    decay = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            decay[id(p)] = float(group.get("weight_decay", 0.0))
+    by_name = {name: decay.get(id(p)) for name, p in net.module_.named_parameters()}
+    missing = [n for n in param_names if by_name.get(n) is None]
+    if missing:
+        raise ValueError(f"lam='auto': parameters {missing} are not in the optimizer, so they have "
+                         "no weight decay; exclude them with params=... or pass lam explicitly.")
+    zero = [n for n in param_names if by_name[n] <= 0]
+    if zero:
+        raise ValueError(
+            f"lam='auto' found no weight decay (weight_decay = 0) for parameters {zero}; the soft "
+            "rank and TIC need Λ > 0. Train with optimizer__weight_decay > 0, or pass lam "
+            "explicitly (e.g. lam=1e-4).")
+    values = {n: by_name[n] for n in param_names}
+    if len(set(values.values())) == 1:
+        return next(iter(values.values()))
+    return values
+
+
+# -- n ---------------------------------------------------------------------------------------
+def _n_from_history(net) -> int | None:
+    try:
+        batches = net.history[-1, "batches"]
+    except (IndexError, KeyError):
+        return None
+    sizes = [b["train_batch_size"] for b in batches if "train_batch_size" in b]
+    return int(sum(sizes)) if sizes else None
+
+
+def _n_from_split(net, X, y) -> int:
+    if not net.train_split:
+        return len(X)
+    train, _ = net.get_split_datasets(X, y)
+    return len(train)
+
+
+def n_trained(net, X, y) -> tuple[int, str]:
+    """(n, source): samples seen in the last training epoch (``net.history``), or, for a net
+    without history (restored with ``load_params``), ``net.train_split`` applied to (X, y)."""
+    n = _n_from_history(net)
+    if n is not None:
+        return n, "history"
+    return _n_from_split(net, X, y), "train_split"
+
+
+# -- loss ------------------------------------------------------------------------------------
+def per_sample_loss(md) -> torch.Tensor:
+    r"""(n,) float64 :math:`\ell_i`: the criterion with ``reduction='none'`` on the model's z,
+    averaged over non-batch dimensions (SPEC §2), evaluated on ``md``'s private eval copy."""
+    crit = copy.deepcopy(md.criterion).double()
+    if hasattr(crit, "reduction"):
+        crit.reduction = "none"
+    out = []
+    with torch.no_grad():
+        for b in md.batches(None):
+            z = b.z.to(md.device)
+            y = md.family.prepare_target(md.y[b.index].to(md.device), z)
+            if y.is_floating_point():
+                y = y.double()
+            out.append(crit(z, y).reshape(len(z), -1).double().mean(1).cpu())
+    return torch.cat(out)
+
+
+def mean_loss(md) -> float:
+    """Mean loss over the samples of ``md`` (float64 sum)."""
+    return float(per_sample_loss(md).mean())
+
+
+# -- modes -----------------------------------------------------------------------------------
+def _torch_components(net):
+    names = list(getattr(net, "_modules", ["module"])) + list(getattr(net, "_criteria",
+                                                                     ["criterion"]))
+    for name in names:
+        comp = getattr(net, name + "_", None)
+        if isinstance(comp, nn.Module):
+            yield comp
+
+
+@contextmanager
+def preserved_modes(net):
+    """Restore every submodule's ``training`` flag after the block (skorch's predict leaves the
+    module in eval mode)."""
+    saved = [(m, m.training) for comp in _torch_components(net) for m in comp.modules()]
+    try:
+        yield net
+    finally:
+        for m, flag in saved:
+            m.training = flag

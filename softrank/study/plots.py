@@ -1,0 +1,144 @@
+"""Figures of a study (matplotlib, the optional ``plots`` extra; imported only when called).
+
+* :func:`plot_estimate_vs_observed` — one panel per estimator: estimated vs observed gap on
+  log–log axes with the line y = x, models coloured by regime;
+* :func:`plot_tau_bars` — Kendall τ of each measure against the gap, one bar per measure and
+  group (all models, each regime);
+* :func:`plot_error_vs_calibration` — estimate / observed against α = Tr C / Tr F on the
+  training data (the calibration the α-corrected estimates rest on).
+
+Figures are built on :class:`matplotlib.figure.Figure` (no pyplot state, no display needed)
+and saved to ``path``; each function returns the path.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .analysis import (REGIME_THRESHOLD, TARGET, estimate_columns, measure_columns, ratios,
+                       regime, split_regimes, tau_table)
+
+__all__ = ["plot_estimate_vs_observed", "plot_tau_bars", "plot_error_vs_calibration",
+           "plot_all"]
+
+_COLORS = {"overfit": "tab:red", "not overfit": "tab:blue", "unknown": "tab:gray"}
+
+
+def _figure(n_panels: int, ncols: int = 4, size: float = 3.0):
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("softrank.study.plots needs matplotlib: "
+                          "pip install 'softrank[plots]'") from e
+    ncols = min(ncols, n_panels)
+    nrows = math.ceil(n_panels / ncols)
+    fig = Figure(figsize=(size * ncols, size * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    return path
+
+
+def _positive(rows, column, target):
+    pts = [(r.get(target), r.get(column), regime(r)) for r in rows]
+    return [(g, e, k) for g, e, k in pts
+            if isinstance(g, (int, float)) and isinstance(e, (int, float)) and g > 0 and e > 0
+            and math.isfinite(g) and math.isfinite(e)]
+
+
+def plot_estimate_vs_observed(rows: list[dict], path, columns: Sequence[str] | None = None,
+                              target: str = TARGET, title: str = "") -> Path:
+    """Estimated vs observed gap per estimator, log–log, with y = x (non-positive values are
+    left out and counted in the panel title)."""
+    columns = estimate_columns(rows) if columns is None else list(columns)
+    fig, axes = _figure(len(columns))
+    for ax, c in zip(axes, columns):
+        pts = _positive(rows, c, target)
+        for k in _COLORS:
+            sel = [(g, e) for g, e, kk in pts if kk == k]
+            if sel:
+                g, e = np.array(sel).T
+                ax.scatter(g, e, s=12, color=_COLORS[k], label=k)
+        if pts:
+            lo = min(min(g, e) for g, e, _ in pts) / 1.5
+            hi = max(max(g, e) for g, e, _ in pts) * 1.5
+            ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        left = len(rows) - len(pts)
+        ax.set_title(c + (f" ({left} ≤ 0 left out)" if left else ""), fontsize=8)
+        ax.set_xlabel("observed gap", fontsize=8)
+        ax.set_ylabel("estimate", fontsize=8)
+    axes[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_tau_bars(rows: list[dict], path, columns: Sequence[str] | None = None,
+                  threshold: float = REGIME_THRESHOLD, title: str = "") -> Path:
+    """Kendall τ per measure: all models and each regime side by side."""
+    columns = measure_columns(rows) if columns is None else list(columns)
+    groups = {"all": rows, **{k: v for k, v in split_regimes(rows, threshold).items() if v}}
+    fig, (ax,) = _figure(1, size=1.0)
+    fig.set_size_inches(max(6.0, 0.45 * len(columns) * len(groups)), 3.6)
+    width = 0.8 / len(groups)
+    x = np.arange(len(columns))
+    for j, (name, g) in enumerate(groups.items()):
+        taus = tau_table(g, columns)
+        ax.bar(x + j * width, [taus[c] for c in columns], width,
+               label=f"{name} ({len(g)})", color=_COLORS.get(name, "tab:green"))
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set_xticks(x + width * (len(groups) - 1) / 2, columns, rotation=60, ha="right",
+                  fontsize=7)
+    ax.set_ylabel("Kendall τ vs observed gap")
+    ax.set_ylim(-1, 1)
+    ax.legend(fontsize=7)
+    if title:
+        ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_error_vs_calibration(rows: list[dict], path, columns: Sequence[str] | None = None,
+                              target: str = TARGET, calibration: str = "alpha_train",
+                              title: str = "") -> Path:
+    """estimate / observed (log) against α on the training data (log), per estimator."""
+    columns = estimate_columns(rows) if columns is None else list(columns)
+    fig, axes = _figure(len(columns))
+    alpha = np.array([r.get(calibration, np.nan) for r in rows], dtype=float)
+    for ax, c in zip(axes, columns):
+        ratio = ratios(rows, c, target)
+        ok = np.isfinite(ratio) & np.isfinite(alpha) & (ratio > 0) & (alpha > 0)
+        ax.scatter(alpha[ok], ratio[ok], s=12,
+                   c=[_COLORS[regime(r)] for r, k in zip(rows, ok) if k])
+        ax.axhline(1.0, color="k", ls="--", lw=0.8)
+        if ok.any():
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+        ax.set_title(c, fontsize=8)
+        ax.set_xlabel(f"{calibration} (Tr C / Tr F)", fontsize=8)
+        ax.set_ylabel("estimate / observed", fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_all(rows: list[dict], folder, prefix: str = "", title: str = "") -> list[Path]:
+    """The three figures into ``folder`` as ``<prefix>estimate_vs_observed.png``, ``...tau.png``,
+    ``...error_vs_calibration.png``."""
+    folder = Path(folder)
+    return [plot_estimate_vs_observed(rows, folder / f"{prefix}estimate_vs_observed.png",
+                                      title=title),
+            plot_tau_bars(rows, folder / f"{prefix}tau.png", title=title),
+            plot_error_vs_calibration(rows, folder / f"{prefix}error_vs_calibration.png",
+                                      title=title)]

@@ -1,0 +1,104 @@
+"""``softrank demo``: the smoke test (--quick) runs, and the Kendall τ it prints are computed
+from the table it prints."""
+from __future__ import annotations
+
+import csv
+import math
+import re
+import subprocess
+import sys
+import time
+from importlib.metadata import entry_points
+
+import pytest
+from scipy.stats import kendalltau
+
+from softrank import cli, demo
+
+TAU_LINE = re.compile(r"^\s+tau\[(?P<name>[^\]]+)\] = (?P<tau>[+-]\d\.\d{4})$")
+
+
+def parse(out: str):
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["model", "n"])
+    header = lines[start].split()
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.strip():
+            break
+        cells = line.split()
+        rows.append({c: (v if c == "model" else float(v)) for c, v in zip(header, cells)})
+    taus = {m["name"]: float(m["tau"]) for m in map(TAU_LINE.match, lines) if m}
+    return header, rows, taus
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("demo") / "table.csv"
+    from contextlib import redirect_stderr, redirect_stdout
+    from io import StringIO
+
+    out, err = StringIO(), StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = cli.main(["demo", "--quick", "--csv", str(path), "--seed", "0"])
+    return code, out.getvalue(), err.getvalue(), path
+
+
+def test_quick_demo_prints_taus_computed_from_its_table(quick_run):
+    code, out, err, _ = quick_run
+    assert code == 0
+    header, rows, taus = parse(out)
+    measures = [c for c, _, _ in demo.MEASURES]
+    assert header == ["model", "n", "train_loss", "test_loss", "observed_gap"] + measures
+    assert len(rows) == len(demo.model_grid(quick=True)) == 4
+    assert set(taus) == set(measures)
+    gaps = [r["observed_gap"] for r in rows]
+    for r in rows:
+        assert r["observed_gap"] == pytest.approx(r["test_loss"] - r["train_loss"], abs=2e-5)
+    for name, tau in taus.items():
+        assert math.isfinite(tau) and -1 <= tau <= 1
+        recomputed = kendalltau([r[name] for r in rows], gaps).statistic
+        assert tau == pytest.approx(recomputed, abs=5e-5), name
+    assert "training and measuring" in err  # the progress bar
+
+
+def test_quick_demo_csv_matches_the_printed_table(quick_run):
+    _, out, _, path = quick_run
+    _, rows, taus = parse(out)
+    with open(path) as f:
+        table = list(csv.DictReader(f))
+    assert [r["model"] for r in table] == [r["model"] for r in rows]
+    gaps = [float(r["observed_gap"]) for r in table]
+    for name, tau in taus.items():
+        values = [float(r[name]) for r in table]
+        assert values == pytest.approx([r[name] for r in rows], rel=1e-5)
+        assert tau == pytest.approx(kendalltau(values, gaps).statistic, abs=5e-5)
+
+
+def test_entry_points():
+    scripts = entry_points(group="console_scripts")
+    assert any(e.name == "softrank" and e.value == "softrank.cli:main" for e in scripts)
+    help_ = subprocess.run([sys.executable, "-m", "softrank", "demo", "--help"],
+                           capture_output=True, text=True, timeout=120)
+    assert help_.returncode == 0
+    for option in ("--approximation", "--csv", "--quick", "--seed"):
+        assert option in help_.stdout
+    assert cli.main([]) == 2  # no command: help, non-zero
+
+
+def test_measure_list_is_the_one_line_hook():
+    names = [c for c, _, _ in demo.MEASURES]
+    assert names[:5] == ["softrank_gap", "rank/n", "TIC_gap", "traceratio_gap", "trace(H)"]
+    assert ("ApproxLOO_gap" in names) == (demo.ApproxLOO is not None)
+
+
+@pytest.mark.slow
+def test_full_demo_runs_under_two_minutes():
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "softrank", "demo", "--no-progress"],
+                          capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr
+    _, rows, taus = parse(proc.stdout)
+    assert len(rows) == 12 and len(taus) == len(demo.MEASURES)
+    assert elapsed < 120, elapsed

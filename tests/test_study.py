@@ -1,0 +1,434 @@
+"""softrank.study: grid ids, the resumable store, the runners (serial, joblib, Dask), the
+analysis (Kendall τ, granulated τ) against hand-computed values, and the figures."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from softrank.study import (ResultStore, StudyJobError, TrainConfig, cli_main, expand_grid,
+                            granulated_tau, kendall_tau, load_grid, markdown_report, ratios,
+                            read_csv, run_config, run_study, tau_table, write_csv)
+from softrank.study.analysis import ratio_summary, split_regimes
+from softrank.study.grid import MeasureOptions
+from softrank.study.measures import _hessian_norms, expected_calibration_error
+from softrank.model import ModelData
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# a grid that trains in well under a second per model
+TINY_MEASURES = {"gram_samples": 60, "hessian_samples": 40, "test_samples": 50,
+                 "dense_max_params": 50, "hessian_probes": 4, "hessian_iterations": 6}
+TINY_GRID = {
+    "name": "tiny",
+    "measures": TINY_MEASURES,
+    "fixed": {"dataset": "teacher_student", "n_train": 60, "n_test": 100, "epochs": 3,
+              "batch_size": 16, "lr": 0.01},
+    "vary": {"width": [4, 8], "weight_decay": [1e-3, 1e-2]},
+}
+# columns that legitimately differ between two runs of the same configuration
+VOLATILE = ("time_",)
+
+
+def _stable(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith(VOLATILE)}
+
+
+def _by_id(rows):
+    return {r["config_id"]: _stable(r) for r in rows}
+
+
+def _assert_same_tables(rows_a, rows_b):
+    a, b = _by_id(rows_a), _by_id(rows_b)
+    assert a.keys() == b.keys()
+    for cid in a:
+        assert a[cid].keys() == b[cid].keys(), cid
+        for k, v in a[cid].items():
+            if isinstance(v, float):
+                assert b[cid][k] == pytest.approx(v, rel=1e-9, abs=1e-12, nan_ok=True), (cid, k)
+            else:
+                assert b[cid][k] == v, (cid, k)
+
+
+@pytest.fixture(scope="module")
+def tiny_configs():
+    return expand_grid(TINY_GRID)
+
+
+@pytest.fixture(scope="module")
+def serial_rows(tiny_configs, tmp_path_factory):
+    """The tiny grid run serially once: the reference table of the module."""
+    path = tmp_path_factory.mktemp("serial") / "serial.sqlite"
+    run_study(tiny_configs, path, backend="serial", progress=False)
+    with ResultStore(path) as store:
+        return store.rows()
+
+
+# -- grid -----------------------------------------------------------------------------------
+def test_grid_expands_the_product_with_stable_ids(tmp_path):
+    configs = expand_grid(TINY_GRID)
+    assert len(configs) == 4
+    assert [(c.width, c.weight_decay) for c in configs] == list(
+        itertools.product([4, 8], [1e-3, 1e-2]))
+    assert len({c.id for c in configs}) == 4
+    # the id depends on the values, not on how they were written
+    same = TrainConfig("teacher_student", width=4.0, weight_decay=0.001, n_train=60, n_test=100,
+                       epochs=3, batch_size=16, lr=0.01, measures=MeasureOptions(**TINY_MEASURES))
+    assert same.id == configs[0].id
+    assert TrainConfig("mnist", lr=1).id == TrainConfig("mnist", lr=1.0).id
+    # ... and on the measurement options
+    other = TrainConfig("teacher_student", width=4, weight_decay=0.001, n_train=60, n_test=100,
+                        epochs=3, batch_size=16, lr=0.01)
+    assert other.id != configs[0].id
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps(TINY_GRID))
+    spec, loaded = load_grid(path)
+    assert [c.id for c in loaded] == [c.id for c in configs]
+
+
+def test_grid_blocks_union_without_duplicates():
+    block = {"fixed": {"dataset": "digits"}, "vary": {"width": [4, 8]}}
+    configs = expand_grid({"blocks": [block, block, {"fixed": {"dataset": "digits",
+                                                               "width": 16}}]})
+    assert [c.width for c in configs] == [4, 8, 16]
+
+
+@pytest.mark.parametrize("spec, match", [
+    ({"fixed": {"dataset": "digits", "widht": 4}}, "widht"),
+    ({"fixed": {"dataset": "digits"}, "vary": {"width": []}}, "non-empty"),
+    ({"fixed": {"width": 4}}, "dataset"),
+    ({"fixed": {"dataset": "digits", "weight_decay": 0}}, "weight_decay"),
+    ({"fixed": {"dataset": "digits", "arch": "rnn"}}, "arch"),
+    ({"fixed": {"dataset": "digits"}, "measures": {"gram_sample": 3}}, "gram_sample"),
+])
+def test_grid_rejects_bad_specs(spec, match):
+    with pytest.raises(ValueError, match=match):
+        expand_grid(spec)
+
+
+# -- store ----------------------------------------------------------------------------------
+def test_store_keys_on_config_id_and_persists(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with ResultStore(path) as store:
+        assert store.add("1e5000000000", {"a": 1}, {"config_id": "1e5000000000", "x": 1.5})
+        assert not store.add("1e5000000000", {"a": 1}, {"config_id": "1e5000000000", "x": 9.0})
+        assert store.add("b", {"a": 2}, {"config_id": "b", "x": float("nan"), "y": "text"})
+    with ResultStore(path) as store:
+        assert len(store) == 2 and "b" in store and store.done_ids() == {"1e5000000000", "b"}
+        rows = store.rows()
+        assert rows[0]["x"] == 1.5 and math.isnan(rows[1]["x"])
+        store.to_csv(tmp_path / "t.csv")
+    back = read_csv(tmp_path / "t.csv")
+    assert back[0] == {"config_id": "1e5000000000", "x": 1.5}  # the id stays text; no 'y' cell
+    assert back[1]["y"] == "text" and math.isnan(back[1]["x"])
+
+
+# -- runner ---------------------------------------------------------------------------------
+def _counting_job(config, torch_threads=1, data_root=None):
+    """Records how many rows the store held when this job started (serial backend)."""
+    with ResultStore(os.environ["SOFTRANK_TEST_STORE"]) as store:
+        before = len(store)
+    row = run_config(config, torch_threads=torch_threads, data_root=data_root)
+    return {**row, "rows_before": before}
+
+
+def test_serial_run_writes_each_row_before_the_next_model(tiny_configs, tmp_path, monkeypatch):
+    path = tmp_path / "s.sqlite"
+    monkeypatch.setenv("SOFTRANK_TEST_STORE", str(path))
+    summary = run_study(tiny_configs, path, backend="serial", progress=False,
+                        job=_counting_job)
+    assert summary.n_written == 4 and summary.n_already_done == 0
+    with ResultStore(path) as store:
+        assert [r["rows_before"] for r in store.rows()] == [0, 1, 2, 3]
+    again = run_study(tiny_configs, path, backend="serial", progress=False)
+    assert again.n_already_done == 4 and again.n_written == 0
+
+
+def test_row_holds_every_measure(serial_rows):
+    row = serial_rows[0]
+    assert row["errors"] == ""
+    assert row["observed_gap"] == pytest.approx(row["test_loss"] - row["train_loss"])
+    n = row["n_train"]
+    for a in ("gram", "kfac", "ekfac", "diagonal"):
+        assert row[f"est_rank_n_{a}"] == pytest.approx(row[f"rank_{a}"] / n)
+        assert row[f"est_softrank_{a}"] == pytest.approx(row["alpha_train"] * row[f"rank_{a}"] / n)
+    assert row["alpha_train"] == pytest.approx(row["trace_C"] / row["trace_F"])
+    assert row["est_trace_ratio"] == pytest.approx(row["alpha_train"] / n)
+    for c in ("est_tic_gram", "est_tic_kfac", "est_loo_exact", "est_loo_kfac", "alpha_test",
+              "hessian_trace", "hessian_spectral", "ece_train", "ece_test"):
+        assert math.isfinite(row[c]), c
+    # diagonal soft rank is an upper bound of the exact one (Schur concavity), on all points
+    assert row["rank_diagonal"] >= row["rank_gram"] - 1e-9
+    assert row["hessian_method"] == "matrix_free"  # p = 134 > dense_max_params = 50
+
+
+def test_failed_measure_is_recorded_not_fatal():
+    cfg = TrainConfig("teacher_student", width=4, n_train=40, n_test=40, epochs=1,
+                      measures=MeasureOptions(**{**TINY_MEASURES, "soft_rank": ("kfac", "nope"),
+                                                 "tic": (), "loo": ("exact",),
+                                                 "gram_samples": 20, "hessian": False}))
+    row = run_config(cfg)
+    assert "nope: ValueError" in row["errors"]
+    assert math.isfinite(row["rank_kfac"]) and "rank_nope" not in row
+    # exact ApproxLOO needs every training point in the Gram matrix: n = 40 > 20 skips it
+    assert "loo_exact: n=40 > gram_samples=20" in row["skipped"]
+    assert "est_loo_exact" not in row
+
+
+def test_cnn_on_digits_runs():
+    cfg = TrainConfig("digits", arch="cnn", width=3, depth=1, n_train=80, n_test=60, epochs=1,
+                      measures=MeasureOptions(**{**TINY_MEASURES, "loo": ("kfac",)}))
+    row = run_config(cfg)
+    assert row["errors"] == "" and row["n_params"] == 3 * 9 + 3 + 3 * 16 * 10 + 10
+    assert math.isfinite(row["est_softrank_kfac"])
+
+
+def _failing_job(config, torch_threads=1, data_root=None):
+    """The third configuration of the tiny grid crashes (a simulated worker failure)."""
+    if config["width"] == 8 and config["weight_decay"] == 1e-3:
+        raise RuntimeError("simulated crash")
+    return run_config(config, torch_threads=torch_threads, data_root=data_root)
+
+
+def _crash_then_resume(configs, path, **backend):
+    """Run with the failing job, then resume with the real one; (rows after the crash, all)."""
+    with pytest.raises(StudyJobError, match="simulated crash"):
+        run_study(configs, path, progress=False, job=_failing_job, **backend)
+    with ResultStore(path) as store:
+        first = store.rows()
+    crashed = next(c.id for c in configs if c.width == 8 and c.weight_decay == 1e-3)
+    assert crashed not in {r["config_id"] for r in first}
+    summary = run_study(configs, path, progress=False, **backend)
+    assert summary.n_already_done == len(first)
+    assert summary.n_written == len(configs) - len(first)
+    with ResultStore(path) as store:
+        rows = store.rows()
+    assert sorted(r["config_id"] for r in rows) == sorted(c.id for c in configs)
+    assert rows[:len(first)] == first  # stored rows are never rewritten
+    return first, rows
+
+
+def test_resume_after_a_crash_loses_and_duplicates_nothing(tiny_configs, serial_rows,
+                                                           tmp_path):
+    first, rows = _crash_then_resume(tiny_configs, tmp_path / "s.sqlite", backend="serial")
+    assert len(first) == 2  # the two models before the crash were written, in order
+    _assert_same_tables(rows, serial_rows)
+
+
+@pytest.mark.slow
+def test_joblib_crash_and_resume_gives_the_serial_table(tiny_configs, serial_rows, tmp_path):
+    _, rows = _crash_then_resume(tiny_configs, tmp_path / "j.sqlite", backend="joblib",
+                                 n_jobs=2)
+    _assert_same_tables(rows, serial_rows)  # worker processes give the serial numbers
+
+
+@pytest.mark.slow
+def test_kill_the_process_mid_run_and_resume(tmp_path):
+    grid = {**TINY_GRID, "fixed": {**TINY_GRID["fixed"], "epochs": 20},
+            "vary": {"width": [4, 8, 16], "weight_decay": [1e-3, 1e-2], "seed": [0, 1]}}
+    grid_path, store_path = tmp_path / "grid.json", tmp_path / "s.sqlite"
+    grid_path.write_text(json.dumps(grid))
+    configs = expand_grid(grid)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "softrank.study", "run", str(grid_path), "--store",
+         str(store_path), "--backend", "serial", "--no-progress"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if store_path.exists() and _count(store_path) >= 2:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, "the run ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed_at = _count(store_path)
+    assert 2 <= killed_at < len(configs)
+    with ResultStore(store_path) as store:
+        assert store._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        summary = run_study(configs, store, backend="serial", progress=False)
+        assert summary.n_already_done == killed_at
+        ids = [r["config_id"] for r in store.rows()]
+    assert sorted(ids) == sorted(c.id for c in configs)
+
+
+def _count(path) -> int:
+    with sqlite3.connect(path, timeout=30) as conn:
+        try:
+            return conn.execute("SELECT COUNT(*) FROM results").fetchone()[0]
+        except sqlite3.OperationalError:  # the table is being created
+            return 0
+
+
+@pytest.mark.slow
+def test_dask_local_cluster_gives_the_serial_table(tiny_configs, serial_rows, tmp_path):
+    distributed = pytest.importorskip("dask.distributed")
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1,
+                                  dashboard_address=None) as cluster, \
+            distributed.Client(cluster) as client:
+        summary = run_study(tiny_configs, tmp_path / "d.sqlite", backend="dask", client=client,
+                            progress=False)
+    assert summary.n_written == 4
+    with ResultStore(tmp_path / "d.sqlite") as store:
+        _assert_same_tables(store.rows(), serial_rows)
+
+
+# -- analysis against hand-computed values -----------------------------------------------------
+def _hand_tau(x, y):
+    """τ_a = (concordant − discordant) / pairs, for tie-free data."""
+    s = [np.sign(a1 - a2) * np.sign(b1 - b2)
+         for (a1, b1), (a2, b2) in itertools.combinations(zip(x, y), 2)]
+    return sum(s) / len(s)
+
+
+def test_kendall_tau_by_hand():
+    assert kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)  # C=5, D=1
+    assert kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert kendall_tau([1, 2, float("nan"), 4], [1, 2, 5, 3]) == pytest.approx(1.0)
+    assert math.isnan(kendall_tau([1, 1, 1], [1, 2, 3]))
+    assert math.isnan(kendall_tau([1], [2]))
+
+
+# Two hyperparameters a ∈ {0, 1, 2}, b ∈ {0, 1}; the measure orders the gap perfectly except
+# for a = 1 vs 2 at b = 1 (a) and b = 0 vs 1 at a = 2 (b):
+#   ψ_a = mean(τ|b=0, τ|b=1) = mean(1, 1/3) = 2/3,  ψ_b = mean(1, 1, −1) = 1/3,  Ψ = 1/2.
+SYNTHETIC = [
+    {"width": a, "n_train": b, "seed": 0, "observed_gap": g, "m": m}
+    for a, b, g, m in [(0, 0, 1.0, 1.0), (1, 0, 2.0, 2.0), (2, 0, 3.0, 3.0),
+                       (0, 1, 1.5, 1.5), (1, 1, 2.5, 3.5), (2, 1, 3.5, 2.5)]
+]
+
+
+def test_granulated_tau_by_hand():
+    g = granulated_tau(SYNTHETIC, "m")
+    assert g.per_hyperparameter == pytest.approx({"width": 2 / 3, "n_train": 1 / 3})
+    assert g.n_groups == {"width": 2, "n_train": 3}
+    assert g.value == pytest.approx(0.5)
+    overall = tau_table(SYNTHETIC, ["m"])["m"]
+    assert overall == pytest.approx(_hand_tau([r["m"] for r in SYNTHETIC],
+                                              [r["observed_gap"] for r in SYNTHETIC]))
+    assert overall == pytest.approx(9 / 15)  # 15 pairs, 3 discordant
+
+
+def test_granulated_tau_skips_undefined_groups():
+    rows = SYNTHETIC + [{"width": w, "n_train": 2, "seed": 0, "observed_gap": 5.0, "m": w}
+                        for w in (0, 1, 2)]  # constant gap: τ undefined in that group
+    g = granulated_tau(rows, "m", ["width"])  # only ψ_width, groups still fix n_train
+    assert g.n_groups == {"width": 2} and g.value == pytest.approx(2 / 3)
+
+
+def test_ratios_regimes_and_report():
+    rows = [{"dataset": "d", "observed_gap": 0.5, "est_x": 1.0, "alpha_train": 0.1},
+            {"dataset": "d", "observed_gap": 0.2, "est_x": 0.2, "alpha_train": 0.9},
+            {"dataset": "d", "observed_gap": 0.0, "est_x": 0.3, "alpha_train": 0.7}]
+    r = ratios(rows, "est_x")
+    assert r[:2] == pytest.approx([2.0, 1.0]) and math.isnan(r[2])
+    s = ratio_summary(rows)["est_x"]
+    assert s["median"] == pytest.approx(1.5) and s["median_abs_error"] == pytest.approx(0.5)
+    regimes = split_regimes(rows, 0.5)
+    assert [len(v) for v in regimes.values()] == [1, 2]
+    text = markdown_report(rows)
+    assert "`est_x`" in text and "1 overfit" in text and "2 not overfit" in text
+
+
+def test_expected_calibration_error_by_hand():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.45, 0.55]])
+    y = np.array([0, 1, 1, 1])
+    # bins of width 1/4: [.5, .75) holds {0.6 wrong, 0.55 right} (acc 1/2, conf 0.575),
+    # [.75, 1] holds {0.9, 0.8}, both right (acc 1, conf 0.85)
+    expected = 0.5 * abs(0.5 - 0.575) + 0.5 * abs(1 - 0.85)
+    assert expected_calibration_error(probs, y, 4) == pytest.approx(expected)
+    # one bin: |accuracy − mean confidence| = |3/4 − 0.7125|
+    assert expected_calibration_error(probs, y, 1) == pytest.approx(0.0375)
+
+
+# -- Hessian norms (dense for small p, else the core's matrix-free) against torch.func -------
+def test_hessian_norms_match_a_dense_reference():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                              torch.nn.Linear(4, 3)).double()
+    X, y = torch.randn(30, 3, dtype=torch.float64), torch.randint(0, 3, (30,))
+    md = ModelData(net, torch.nn.CrossEntropyLoss(), X, y)
+    theta0 = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    shapes = [(n, p.shape, p.numel()) for n, p in net.named_parameters()]
+
+    def mean_loss(theta):
+        params, i = {}, 0
+        for name, shape, k in shapes:
+            params[name] = theta[i:i + k].reshape(shape)
+            i += k
+        z = torch.func.functional_call(net, params, (X,))
+        return torch.nn.functional.cross_entropy(z, y)
+
+    H = torch.func.hessian(mean_loss)(theta0)
+    top, trace = float(torch.linalg.eigvalsh(H).max()), float(H.trace())
+    dense = _hessian_norms(md, MeasureOptions(dense_max_params=100), seed=0)
+    assert dense["hessian_method"] == "dense"
+    assert dense["hessian_spectral"] == pytest.approx(top, rel=1e-8)
+    assert dense["hessian_trace"] == pytest.approx(trace, rel=1e-8)
+    free = _hessian_norms(md, MeasureOptions(dense_max_params=10, hessian_probes=20,
+                                             hessian_iterations=md.n_params), seed=0)
+    assert free["hessian_method"] == "matrix_free"
+    assert free["hessian_spectral"] == pytest.approx(top, rel=1e-6)
+    assert abs(free["hessian_trace"] - trace) <= 4 * free["hessian_trace_stderr"] + 1e-8
+
+
+# -- plots and command line ---------------------------------------------------------------------
+def test_plots_write_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    from softrank.study.plots import plot_all
+
+    rng = np.random.default_rng(0)
+    rows = [{"observed_gap": g, "est_a": g * rng.uniform(0.5, 2), "est_b": -g,
+             "hessian_trace": rng.uniform(), "alpha_train": rng.uniform(0.01, 1)}
+            for g in rng.uniform(0.05, 1, 12)]
+    paths = plot_all(rows, tmp_path, prefix="x_")
+    assert [p.name for p in paths] == ["x_estimate_vs_observed.png", "x_tau.png",
+                                       "x_error_vs_calibration.png"]
+    assert all(p.stat().st_size > 1000 for p in paths)
+
+
+def test_cli_list_export_report(serial_rows, tmp_path, capsys):
+    grid_path = tmp_path / "grid.json"
+    grid_path.write_text(json.dumps(TINY_GRID))
+    store_path = tmp_path / "s.sqlite"
+    with ResultStore(store_path) as store:  # the serial table, as if `run` had written it
+        for r in serial_rows[:3]:
+            store.add(r["config_id"], {}, r)
+    assert cli_main(["list", str(grid_path), "--store", str(store_path)]) == 0
+    assert "4 configurations, 3 done" in capsys.readouterr().out
+    csv_path = tmp_path / "t.csv"
+    assert cli_main(["export", "--store", str(store_path), "--csv", str(csv_path)]) == 0
+    assert len(read_csv(csv_path)) == 3
+    md_path = tmp_path / "r.md"
+    assert cli_main(["report", "--csv", str(csv_path), "--markdown", str(md_path)]) == 0
+    assert "Kendall τ" in md_path.read_text() and "3 models" in md_path.read_text()
+    assert cli_main(["report", "--csv", str(csv_path), "--markdown", str(md_path),
+                     "--where", "width=4", "--exclude", "weight_decay=1e-2"]) == 0
+    assert "1 models" in md_path.read_text()  # (4, 1e-3) only
+
+
+def test_write_csv_is_atomic_on_error(tmp_path):
+    path = tmp_path / "t.csv"
+    write_csv(path, [{"a": 1}])
+
+    class Boom:
+        def __str__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        write_csv(path, [{"a": Boom()}])
+    assert read_csv(path) == [{"a": 1}]
+    assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]
