@@ -1,0 +1,74 @@
+"""ApproxLOO as a GapEstimator: same contract as the others (SPEC §6), numbers equal the
+functional core, score = −(train loss + gap_), the net untouched, clear errors."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+
+from softrank import ApproxLOO, InSampleSplit, ModelData, approx_loo
+from softrank.skorch_adapter import output_transform
+from tests.test_estimators import assert_same, classifier, snapshot, teacher_data
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    X, y = teacher_data()
+    return classifier(wd=1e-2).fit(X, y), X, y
+
+
+@pytest.mark.parametrize("method", ["exact", "kfac"])
+def test_equals_the_functional_core(fitted, method):
+    net, X, y = fitted
+    est = ApproxLOO(net, method=method).fit(X, y)
+    md = ModelData(net.module_, net.criterion_, X, y, output_transform=output_transform(net))
+    ref = approx_loo(md, 1e-2, method)
+    assert est.gap_ == pytest.approx(ref.gap, rel=1e-10)
+    assert est.measure_ == pytest.approx(ref.estimated_test_loss, rel=1e-10)
+    assert est.soft_rank_ == pytest.approx(ref.soft_rank, rel=1e-10)
+    np.testing.assert_allclose(est.loo_losses_, ref.loo_losses, rtol=1e-10)
+    assert est.score(X, y) == pytest.approx(-(est.train_loss_ + est.gap_), rel=1e-12)
+    assert est.lam_ == pytest.approx(1e-2) and est.n_train_ == len(X)
+
+
+def test_subsample_reports_stderr_and_net_untouched(fitted):
+    net, X, y = fitted
+    before = snapshot(net)
+    est = ApproxLOO(net, method="subsample", n_points=20, random_state=0).fit(X, y)
+    assert est.stderr_ > 0 and len(est.loo_losses_) == 20
+    est.score(X, y)
+    assert_same(before, snapshot(net))
+
+
+def test_clone_pickle_and_grid_search(fitted):
+    X, y = teacher_data()
+    est = ApproxLOO(classifier(max_epochs=15), random_state=0)
+    assert not hasattr(clone(est), "gap_")
+    gs = GridSearchCV(est, {"estimator__optimizer__weight_decay": [1e-3, 1e-1]},
+                      cv=InSampleSplit()).fit(X, y)
+    best = gs.best_estimator_
+    assert gs.best_score_ == pytest.approx(-(best.train_loss_ + best.gap_), rel=1e-10)
+    again = pickle.loads(pickle.dumps(best))
+    assert again.score(X, y) == pytest.approx(best.score(X, y), rel=1e-12)
+
+
+def test_bad_input(fitted):
+    net, X, y = fitted
+    with pytest.raises(ValueError, match="method must be one of"):
+        ApproxLOO(net, method="bogus").fit(X, y)
+    with pytest.raises(ValueError, match="n_points"):
+        ApproxLOO(net, method="subsample", n_points=0).fit(X, y)
+    with pytest.raises(ValueError, match="lam must be > 0"):
+        ApproxLOO(net, lam=-1.0).fit(X, y)
+    with pytest.raises(ValueError, match="labels outside the classes|not seen"):
+        ApproxLOO(net).fit(X, np.full(len(y), 7))
