@@ -93,7 +93,8 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
     lam : 'auto', float, dict {parameter name: float} or (p,) tensor
         :math:`\\Lambda`. 'auto': the optimizer's ``weight_decay`` (per parameter group).
     approximation : str
-        Curvature representation: 'exact', 'dense', 'gram', 'diagonal', 'kfac', 'ekfac'.
+        Curvature representation: 'exact', 'dense', 'gram', 'diagonal', 'kfac', 'ekfac' or
+        'matrix_free' (stochastic; its standard error is ``stderr_``).
     n_curvature_samples : int or None
         Estimate the curvature on this many random samples of X (n is unchanged).
     batch_size : int

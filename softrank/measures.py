@@ -39,6 +39,13 @@ class IndefiniteWarning(RuntimeWarning):
 
 @dataclass(frozen=True)
 class MeasureResult:
+    """What a measure returns: ``value``; ``gap``, the generalization-gap estimate in loss
+    units (None for the baselines); ``n``, the number of samples the model was trained on;
+    ``lam`` (Λ as described by :meth:`~softrank.regularization.Lam.describe`);
+    ``approximation``; ``diagnostics`` (e.g. ``alpha``, ``trace_C``, ``trace_F``,
+    ``calibrated_gap``, and ``stderr``, ``n_matvec``, ``converged`` for stochastic estimates).
+    ``float(result)`` is ``value``."""
+
     name: str
     value: float
     gap: float | None

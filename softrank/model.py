@@ -270,12 +270,14 @@ class ModelData:
         else:
             raise ValueError(f"unknown vectors {vectors!r}")
         outs = [outputs[i] for i in range(len(rules))]
-        grads = [[] for _ in rules]
-        for v in vecs.to(z.dtype):
+        # (V, N, *out) float64, filled pass by pass: one converting copy, no float32 stack
+        grads = [torch.empty((len(vecs), *o.shape), dtype=torch.float64, device=o.device)
+                 for o in outs]
+        for c, v in enumerate(vecs.to(z.dtype)):
             gs = torch.autograd.grad(z, outs, grad_outputs=v, retain_graph=True, allow_unused=True)
             for i, g in enumerate(gs):
-                grads[i].append(torch.zeros_like(outs[i]) if g is None else g)
-        layers = [LayerBatch(r.record_input(inputs[i]), r.record_grad(torch.stack(grads[i])))
+                grads[i][c].zero_() if g is None else grads[i][c].copy_(g)
+        layers = [LayerBatch(r.record_input(inputs[i]), r.record_grad(grads[i]))
                   for i, r in enumerate(rules)]
         return Batch(zd.double(), y, layers, sl)
 

@@ -43,7 +43,7 @@ __all__ = ["split_estimator", "is_fitted", "check_fitted", "net_kind", "output_t
            "log_probabilities", "module_dtype", "check_X", "check_y", "num_samples",
            "check_labels_seen", "classes_of",
            "weight_decay_lam", "n_trained", "per_sample_loss", "mean_loss", "preserved_modes",
-           "NET_TYPES"]
+           "model_data", "NET_TYPES"]
 
 NET_TYPES = "a skorch NeuralNetClassifier, NeuralNetBinaryClassifier or NeuralNetRegressor"
 
@@ -274,6 +274,35 @@ def per_sample_loss(md) -> torch.Tensor:
 def mean_loss(md) -> float:
     """Mean loss over the samples of ``md`` (float64 sum)."""
     return float(per_sample_loss(md).mean())
+
+
+# -- a fitted net as ModelData ----------------------------------------------------------------
+def model_data(estimator, X, y=None, *, params=None, batch_size: int = 256, device=None,
+               extra_transform=None):
+    """(ModelData of the fitted net on (X, y) as it was trained, net) for a fitted net or a
+    Pipeline ending in one: X transformed by the preceding steps and cast to the module's
+    dtype, y checked against the classes the net saw, z = skorch's output transform (then
+    ``extra_transform``, e.g. a temperature), n = :func:`n_trained`."""
+    from .model import ModelData
+
+    pre, net = split_estimator(estimator)
+    check_fitted(estimator, "measuring needs a fitted net")
+    if pre is not None:
+        X = pre.transform(X)
+    dtype = module_dtype(net)
+    X = check_X(X, dtype)
+    if y is not None:
+        y = check_y(net, y, len(X), dtype)
+        check_labels_seen(net, y)
+    base = output_transform(net)
+    z_of = base if extra_transform is None else (
+        extra_transform if base is None else lambda out: extra_transform(base(out)))
+    n_train = _n_from_history(net)
+    if n_train is None and (y is not None or not net.train_split):
+        n_train = _n_from_split(net, X, y)
+    md = ModelData(net.module_, net.criterion_, X, y, params=params, output_transform=z_of,
+                   batch_size=batch_size, n_train=n_train, device=device)
+    return md, net
 
 
 # -- modes -----------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from softrank.study import (ResultStore, StudyJobError, TrainConfig, cli_main, e
                             read_csv, run_config, run_study, tau_table, write_csv)
 from softrank.study.analysis import ratio_summary, split_regimes
 from softrank.study.grid import MeasureOptions
-from softrank.study.measures import _hessian_norms, expected_calibration_error
+from softrank.study.measures import (_hessian_norms, _stationarity,
+                                     expected_calibration_error)
 from softrank.model import ModelData
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +165,8 @@ def test_row_holds_every_measure(serial_rows):
         assert row[f"est_rank_n_{a}"] == pytest.approx(row[f"rank_{a}"] / n)
         assert row[f"est_softrank_{a}"] == pytest.approx(row["alpha_train"] * row[f"rank_{a}"] / n)
     assert row["alpha_train"] == pytest.approx(row["trace_C"] / row["trace_F"])
+    assert row["loo_exact_invalid_points"] == 0  # exact P_i: every A_i P_i has spectrum < 1
+    assert 0 <= row["loo_exact_max_leverage"] < 1 and row["grad_norm"] > 0
     assert row["est_trace_ratio"] == pytest.approx(row["alpha_train"] / n)
     for c in ("est_tic_gram", "est_tic_kfac", "est_loo_exact", "est_loo_kfac", "alpha_test",
               "hessian_trace", "hessian_spectral", "ece_train", "ece_test"):
@@ -223,6 +226,16 @@ def test_resume_after_a_crash_loses_and_duplicates_nothing(tiny_configs, serial_
                                                            tmp_path):
     first, rows = _crash_then_resume(tiny_configs, tmp_path / "s.sqlite", backend="serial")
     assert len(first) == 2  # the two models before the crash were written, in order
+    _assert_same_tables(rows, serial_rows)
+
+
+def test_joblib_two_processes_give_the_serial_table(tiny_configs, serial_rows, tmp_path):
+    summary = run_study(tiny_configs, tmp_path / "j.sqlite", backend="joblib", n_jobs=2,
+                        progress=False)
+    assert summary.n_written == 4
+    with ResultStore(tmp_path / "j.sqlite") as store:
+        rows = store.rows()
+    assert len({r["config_id"] for r in rows}) == len(rows) == 4
     _assert_same_tables(rows, serial_rows)
 
 
@@ -383,6 +396,23 @@ def test_hessian_norms_match_a_dense_reference():
     assert free["hessian_method"] == "matrix_free"
     assert free["hessian_spectral"] == pytest.approx(top, rel=1e-6)
     assert abs(free["hessian_trace"] - trace) <= 4 * free["hessian_trace_stderr"] + 1e-8
+
+
+def test_stationarity_is_the_gradient_of_the_regularized_objective():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    X, y = torch.randn(70, 5), torch.randint(0, 3, (70,))
+    lam = 0.03
+    md = ModelData(net, torch.nn.CrossEntropyLoss(), X, y, batch_size=32)
+    objective = torch.nn.functional.cross_entropy(net(X), y) + lam / 2 * sum(
+        (p ** 2).sum() for p in net.parameters())
+    grads = torch.autograd.grad(objective, list(net.parameters()))
+    g = torch.cat([gr.reshape(-1) for gr in grads]).double()
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).double()
+    out = _stationarity(md, lam)
+    assert out["grad_norm"] == pytest.approx(float(g.norm()), rel=1e-5)
+    assert out["grad_norm_relative"] == pytest.approx(float(g.norm() / (lam * theta).norm()),
+                                                      rel=1e-5)
 
 
 # -- plots and command line ---------------------------------------------------------------------

@@ -222,14 +222,22 @@ class MatrixFreeCurvature(Curvature):
 
     Parameters
     ----------
-    n_probes : random vectors per estimate (SLQ probes, Hutch++ budget / 3, TIC probes).
-    lanczos_steps : Lanczos steps per probe (SLQ) and for extreme eigenvalues.
-    tol, maxiter : relative residual tolerance and iteration cap of CG / MINRES.
-    preconditioner : None, 'kfac', 'diagonal' or a :class:`Curvature` whose ``solve`` is used
-        to precondition CG (for H: KFAC / diagonal of F, with CG instead of MINRES).
-    block_size : at most this many probe vectors per batched product (memory: the Lanczos basis
+    n_probes : int
+        Random vectors per estimate (SLQ probes, Hutch++ budget / 3, TIC probes).
+    lanczos_steps : int
+        Lanczos steps per probe (SLQ) and for extreme eigenvalues.
+    tol : float
+        Relative residual tolerance of CG / MINRES.
+    maxiter : int
+        Iteration cap of CG / MINRES.
+    preconditioner : None, 'kfac', 'diagonal' or a :class:`Curvature`
+        Whose ``solve`` preconditions CG (for H: KFAC / diagonal of F, with CG instead of
+        MINRES).
+    block_size : int or None
+        At most this many probe vectors per batched product (memory: the Lanczos basis
         holds lanczos_steps·p·block_size floats).
-    random_state : seeds the probes (each method its own stream: repeated calls give the same
+    random_state : int, RandomState or None
+        Seeds the probes (each method its own stream: repeated calls give the same
         estimate) and, for ``fisher_mc``, the sampled labels (drawn alike in every product, as
         ``curvature(..., 'fisher_mc', 'dense', random_state=...)`` draws them).
     """

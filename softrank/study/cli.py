@@ -53,6 +53,8 @@ def _add_other(sub) -> None:
     src.add_argument("--csv")
     p.add_argument("--markdown", default=None, help="also write the tables to this file")
     p.add_argument("--plots", default=None, help="folder for the PNG figures")
+    p.add_argument("--plot-prefix", default="",
+                   help="prefix of the figure names (<prefix><dataset>_tau.png, ...)")
     p.add_argument("--threshold", type=float, default=None,
                    help="α_train below which a model counts as over-fit (default 0.5)")
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=VALUE",
@@ -145,7 +147,8 @@ def _cmd_report(args) -> int:
         from .plots import plot_all
 
         for name, group in group_rows(rows, "dataset").items():
-            for path in plot_all(group, args.plots, prefix=f"{name}_", title=str(name)):
+            for path in plot_all(group, args.plots, prefix=f"{args.plot_prefix}{name}_",
+                                 title=f"{args.plot_prefix}{name}"):
                 print(f"figure: {path}")
     return 0
 

@@ -44,9 +44,9 @@ class MeasureOptions:
     ``soft_rank``: approximations of :math:`\\mathrm{rank}_\\Lambda(F)`; ``tic``: those of the
     Fisher TIC; ``'gram'`` (exact) runs on ``gram_samples`` random training points (all when
     n ≤ gram_samples). ``loo``: ApproxLOO methods ('exact': only when n ≤ gram_samples;
-    'kfac': all points). ``hessian``: Tr H and ‖H‖₂ on ``hessian_samples`` training points (dense when
-    p ≤ ``dense_max_params``, else matrix-free with ``hessian_probes`` Hutchinson probes and
-    ``hessian_iterations`` power/Lanczos steps). ``test_samples``: test points for α on test
+    'kfac': all points). ``hessian``: Tr H and λ_max(H) on ``hessian_samples`` training points
+    (dense when p ≤ ``dense_max_params``, else matrix-free: Hutch++ with 3·``hessian_probes``
+    products, ``hessian_iterations`` Lanczos steps). ``test_samples``: test points for α on test
     data. ``ece_bins``: equal-width confidence bins of the expected calibration error.
     """
 

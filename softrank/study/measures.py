@@ -7,7 +7,8 @@ Column names (n = training-set size, λ = weight decay, α = Tr C / Tr F on the 
 ``train_acc, test_acc``     accuracies; ``error_gap`` = train acc − test acc
 ``ece_train, ece_test``     expected calibration error (equal-width confidence bins)
 ``alpha_train``             :math:`\alpha = \mathrm{Tr}\,C/\mathrm{Tr}\,F` on the training data
-``alpha_test``              the same on ``test_samples`` test points (α < 1: under-, > 1: over-confident)
+``alpha_test``              the same on ``test_samples`` test points
+                            (α < 1: under-, α > 1: over-confident)
 ``rank_<a>``                :math:`\mathrm{rank}_\lambda(F)` with approximation ``a``
 ``est_softrank_<a>``        soft-rank gap estimate :math:`\alpha\,\mathrm{rank}_\lambda(F)/n`
 ``est_rank_n_<a>``          calibrated estimate :math:`\mathrm{rank}_\lambda(F)/n`
@@ -16,6 +17,10 @@ Column names (n = training-set size, λ = weight decay, α = Tr C / Tr F on the 
 ``est_loo_<m>``             ApproxLOO gap (SPEC §4a) by method ``m``
 ``hessian_trace``           Tr H (dense, or matrix-free Hutch++ with ``hessian_trace_stderr``)
 ``hessian_spectral``        largest eigenvalue of H (dense, or matrix-free Lanczos)
+``grad_norm``               ‖∇(mean loss + ½λ‖θ‖²)‖ on the training data
+``grad_norm_relative``      the same divided by ‖λθ‖ (0 at the minimizer the estimates assume)
+``loo_<m>_invalid_points``  points whose ApproxLOO step is invalid (max eig A_iP_i ≥ 1), and
+``loo_<m>_max_leverage``    the largest such eigenvalue
 ``time_<step>``             seconds per step
 ``errors``                  ``step: error`` for each step that failed (its columns are absent)
 ``skipped``                 steps left out on purpose, with the reason
@@ -32,6 +37,7 @@ step far too small (``skipped`` says so). The Hessian uses ``hessian_samples`` p
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -128,6 +134,7 @@ def measure_model(module, criterion, data, lam: float, options, seed: int = 0
                          n, seed, options)
     row = _Row()
     row.values["n_curvature_gram"] = md_gram.n
+    row.step("stationarity", lambda: _stationarity(md, lam))
     row.step("alpha_train", lambda: _alpha_train(md))
     alpha = row.values.get("alpha_train", float("nan"))
     row.step("alpha_test", lambda: _alpha_test(module, criterion, data, n, seed, options))
@@ -146,6 +153,20 @@ def measure_model(module, criterion, data, lam: float, options, seed: int = 0
     row.values["errors"] = "; ".join(row.errors)
     row.values["skipped"] = "; ".join(row.skipped)
     return row.values
+
+
+def _stationarity(md: ModelData, lam: float) -> dict[str, float]:
+    r"""How far θ is from a minimizer of the objective the estimates assume:
+    :math:`\|\nabla_\theta(\frac1n\sum_i\ell_i + \frac\lambda2\|\theta\|^2)\|`, and
+    that norm relative to :math:`\|\lambda\theta\|` (0 at a stationary point)."""
+    _, loss = md.functional_loss()
+    theta = md.flat_params()
+    grad = torch.func.grad(loss)
+    g = sum(grad(theta, md.X[b.index].to(md.device), md.y[b.index].to(md.device)).double()
+            for b in md.batches(None)) / md.n
+    pull = lam * theta.double()
+    norm = float((g + pull).norm())
+    return {"grad_norm": norm, "grad_norm_relative": norm / float(pull.norm())}
 
 
 def _alpha_train(md: ModelData) -> dict[str, float]:
@@ -171,15 +192,19 @@ def _fisher_measures(md: ModelData, lam: float, approx: str, alpha: float, optio
         out.update({f"rank_{approx}": rank, f"est_rank_n_{approx}": rank / md.n_train,
                     f"est_softrank_{approx}": alpha * rank / md.n_train})
     if approx in options.tic:
-        # regularized TIC Tr C (F+Λ)⁻¹ = (1/m) Σ_i g_iᵀ (F+Λ)⁻¹ g_i, as softrank.measures.tic
+        # regularized TIC Tr C(F+Λ)⁻¹ = (1/m) Σ_i g_iᵀ(F+Λ)⁻¹g_i, as softrank.measures.tic
         value = F.tic_sum(md.rules, md.batches("residual"), L) / md.n
         out[f"est_tic_{approx}"] = value / md.n_train
     return out
 
 
 def _loo(md: ModelData, lam: float, method: str, seed: int) -> dict[str, float]:
-    res = approx_loo(md, lam, method, random_state=seed)
-    out = {f"est_loo_{method}": res.gap}
+    with warnings.catch_warnings():  # the invalid points are recorded in the row instead
+        warnings.filterwarnings("ignore", message="ApproxLOO", category=RuntimeWarning)
+        res = approx_loo(md, lam, method, random_state=seed)
+    out = {f"est_loo_{method}": res.gap,
+           f"loo_{method}_invalid_points": res.diagnostics.get("invalid_points"),
+           f"loo_{method}_max_leverage": res.diagnostics.get("max_point_leverage")}
     if res.stderr is not None:
         out[f"est_loo_{method}_stderr"] = res.stderr
     return out

@@ -45,8 +45,18 @@ def _figure(n_panels: int, ncols: int = 4, size: float = 3.0):
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
+    fig.savefig(path, dpi=60)
     return path
+
+
+def _log_axes(ax) -> None:
+    """Log–log axes with labels on the decades only (minor labels overlap on short ranges)."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _positive(rows, column, target):
@@ -58,8 +68,8 @@ def _positive(rows, column, target):
 
 def plot_estimate_vs_observed(rows: list[dict], path, columns: Sequence[str] | None = None,
                               target: str = TARGET, title: str = "") -> Path:
-    """Estimated vs observed gap per estimator, log–log, with y = x (non-positive values are
-    left out and counted in the panel title)."""
+    """Estimated vs observed gap per estimator, log–log, with y = x (missing and non-positive
+    values are left out and counted in the panel title)."""
     columns = estimate_columns(rows) if columns is None else list(columns)
     fig, axes = _figure(len(columns))
     for ax, c in zip(axes, columns):
@@ -73,10 +83,11 @@ def plot_estimate_vs_observed(rows: list[dict], path, columns: Sequence[str] | N
             lo = min(min(g, e) for g, e, _ in pts) / 1.5
             hi = max(max(g, e) for g, e, _ in pts) * 1.5
             ax.plot([lo, hi], [lo, hi], "k--", lw=0.8)
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-        left = len(rows) - len(pts)
-        ax.set_title(c + (f" ({left} ≤ 0 left out)" if left else ""), fontsize=8)
+            _log_axes(ax)
+        present = sum(isinstance(r.get(c), (int, float)) and math.isfinite(r[c]) for r in rows)
+        notes = [f"{len(rows) - present} missing"] if present < len(rows) else []
+        notes += [f"{present - len(pts)} ≤ 0"] if present > len(pts) else []
+        ax.set_title(c + (f" ({', '.join(notes)})" if notes else ""), fontsize=8)
         ax.set_xlabel("observed gap", fontsize=8)
         ax.set_ylabel("estimate", fontsize=8)
     axes[0].legend(fontsize=7)
@@ -91,7 +102,7 @@ def plot_tau_bars(rows: list[dict], path, columns: Sequence[str] | None = None,
     columns = measure_columns(rows) if columns is None else list(columns)
     groups = {"all": rows, **{k: v for k, v in split_regimes(rows, threshold).items() if v}}
     fig, (ax,) = _figure(1, size=1.0)
-    fig.set_size_inches(max(6.0, 0.45 * len(columns) * len(groups)), 3.6)
+    fig.set_size_inches(max(6.0, 0.2 * len(columns) * len(groups) + 1.5), 4.2)
     width = 0.8 / len(groups)
     x = np.arange(len(columns))
     for j, (name, g) in enumerate(groups.items()):
@@ -123,8 +134,7 @@ def plot_error_vs_calibration(rows: list[dict], path, columns: Sequence[str] | N
                    c=[_COLORS[regime(r)] for r, k in zip(rows, ok) if k])
         ax.axhline(1.0, color="k", ls="--", lw=0.8)
         if ok.any():
-            ax.set_xscale("log")
-            ax.set_yscale("log")
+            _log_axes(ax)
         ax.set_title(c, fontsize=8)
         ax.set_xlabel(f"{calibration} (Tr C / Tr F)", fontsize=8)
         ax.set_ylabel("estimate / observed", fontsize=8)

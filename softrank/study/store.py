@@ -126,6 +126,7 @@ def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]],
             writer.writerow(columns)
             for r in rows:
                 writer.writerow([_cell(r.get(c)) for c in columns])
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a table is for sharing
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

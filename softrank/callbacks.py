@@ -1,0 +1,173 @@
+r"""skorch callbacks: the estimated gap and test loss in ``net.history``, and early stopping on
+them — so a net trains on **all** its data (``train_split=None``) and still stops in time.
+
+* :class:`GapTracker` — every ``every`` epochs, measures the net on its training data with a
+  :class:`~softrank.estimators.GapEstimator` (default: the KFAC soft-rank gap estimate
+  :math:`\alpha\,\mathrm{rank}_\Lambda(F)/n` on a fixed random subsample of 512 training samples)
+  and records
+
+  ============================  ===================================================
+  ``est_gap``                   :math:`\widehat{\mathrm{gap}}` (``gap_``)
+  ``est_test_loss``             :math:`\bar\ell_{\mathrm{train}} + \widehat{\mathrm{gap}}`
+                                (mean loss on all training data, evaluation mode)
+  ``est_test_loss_best``        True when ``est_test_loss`` is the lowest so far
+  ============================  ===================================================
+
+  which skorch's ``PrintLog`` shows (the best value highlighted). Epochs without a measurement
+  get NaN (and ``_best`` False), so the table keeps its columns.
+* :class:`EstimatedLossEarlyStopping` — skorch's :class:`~skorch.callbacks.EarlyStopping` on
+  ``est_test_loss`` that counts only the measured epochs and restores the best weights.
+  With ``every=1`` skorch's own ``EarlyStopping(monitor='est_test_loss')`` and
+  ``Checkpoint(monitor='est_test_loss_best')`` work as they are.
+
+Both follow skorch's conventions: ``__init__`` only stores parameters, state ends in ``_`` and
+is set in ``initialize()``, so ``clone(net)`` is unfitted and GridSearchCV works. Put
+:class:`GapTracker` before anything that reads its columns in ``callbacks=[...]``.
+
+The measurement runs on a private copy of the module (the net, its optimizer and torch's global
+RNG are untouched: training with the tracker gives bit-identical weights). Its cost is one
+evaluation pass over the training data for the loss plus the estimator's curvature passes on the
+subsample (KFAC: about one training epoch over the subsample).
+"""
+from __future__ import annotations
+
+from numbers import Integral
+
+import numpy as np
+import torch
+from sklearn.base import clone
+from skorch.callbacks import Callback, EarlyStopping
+from torch.utils.data import Subset
+
+from .estimators import GapEstimator, SoftRankFIM
+
+__all__ = ["GapTracker", "EstimatedLossEarlyStopping", "default_tracker_measure"]
+
+
+def default_tracker_measure() -> SoftRankFIM:
+    """KFAC soft-rank gap estimate on a fixed subsample of 512 training samples (seed 0)."""
+    return SoftRankFIM(None, approximation="kfac", n_curvature_samples=512, random_state=0)
+
+
+def _as_array(a, what):
+    if torch.is_tensor(a):
+        return a.detach().cpu().numpy()
+    if a is None or isinstance(a, dict):
+        raise TypeError(f"GapTracker needs the training {what} as an array or tensor (skorch "
+                        f"Dataset(X, y)); got {type(a).__name__}")
+    return np.asarray(a)
+
+
+def training_arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
+    """(X, y) arrays of the data a skorch net trains on in this epoch (a skorch ``Dataset`` or
+    the ``Subset`` that ``train_split`` makes of one)."""
+    if isinstance(dataset, Subset):
+        X, y = training_arrays(dataset.dataset)
+        idx = np.asarray(dataset.indices)
+        return X[idx], y[idx]
+    return _as_array(getattr(dataset, "X", None), "inputs X"), \
+        _as_array(getattr(dataset, "y", None), "targets y")
+
+
+class GapTracker(Callback):
+    r"""Record the estimated gap and test loss of the net in ``net.history`` during training.
+
+    Parameters
+    ----------
+    measure : GapEstimator or None
+        Unfitted template, e.g. ``SoftRankFIM(None, approximation='diagonal',
+        n_curvature_samples=256, random_state=0)``; its settings are used as they are (with
+        ``estimator`` = the net being trained and ``prefit=True``). Default
+        :func:`default_tracker_measure`. Give it an integer ``random_state`` so that every
+        epoch is measured on the same subsample. ``ApproxLOO(None, method='exact')`` keeps
+        working once the net starts to memorize (where C-based estimates collapse, SPEC §4a).
+    every : int
+        Measure at epochs ``every, 2·every, ...`` (NaN in between).
+    name : str
+        Column prefix: ``{name}_gap``, ``{name}_test_loss``, ``{name}_test_loss_best``.
+
+    Attributes (set in ``initialize``)
+    ----------------------------------
+    best_ : float — the lowest estimated test loss so far; ``result_`` — the last
+    :class:`~softrank.measures.MeasureResult`.
+    """
+
+    def __init__(self, measure=None, *, every: int = 1, name: str = "est"):
+        self.measure = measure
+        self.every = every
+        self.name = name
+
+    # -- state ------------------------------------------------------------------------------
+    def initialize(self):
+        measure = self.measure if self.measure is not None else default_tracker_measure()
+        if not isinstance(measure, GapEstimator):
+            raise TypeError("measure must be an unfitted GapEstimator such as SoftRankFIM(None, "
+                            f"approximation='kfac'); got {type(measure).__name__}")
+        every = self.every
+        if not isinstance(every, Integral) or isinstance(every, bool) or every < 1:
+            raise ValueError(f"every must be a positive integer; got {every!r}")
+        self.measure_ = clone(measure)
+        self.best_ = np.inf
+        self.result_ = None
+        return self
+
+    @property
+    def columns(self) -> tuple[str, str, str]:
+        """(gap, estimated test loss, best) column names."""
+        return f"{self.name}_gap", f"{self.name}_test_loss", f"{self.name}_test_loss_best"
+
+    def on_train_begin(self, net, X=None, y=None, **kwargs):
+        """Continue the running best over an existing history (``partial_fit``, warm start)."""
+        key = self.columns[1]
+        past = [row[key] for row in net.history if np.isfinite(row.get(key, np.nan))]
+        self.best_ = min(past, default=np.inf)
+
+    # -- measuring ---------------------------------------------------------------------------
+    def measure_net(self, net, X, y) -> GapEstimator:
+        """The template fitted on (X, y) with ``estimator=net``, ``prefit=True``."""
+        est = clone(self.measure_).set_params(estimator=net, prefit=True).fit(X, y)
+        if est.gap_ is None:
+            raise ValueError(f"{type(est).__name__} has no gap estimate; GapTracker needs a "
+                             "measure with gap_ (SoftRankFIM, TIC, TraceRatio, ApproxLOO)")
+        return est
+
+    def on_epoch_end(self, net, dataset_train=None, dataset_valid=None, **kwargs):
+        gap_key, loss_key, best_key = self.columns
+        if len(net.history) % self.every:
+            net.history.record(gap_key, np.nan)
+            net.history.record(loss_key, np.nan)
+            net.history.record(best_key, False)
+            return
+        est = self.measure_net(net, *training_arrays(dataset_train))
+        estimated = est.train_loss_ + est.gap_
+        self.result_ = est.result_
+        is_best = bool(estimated < self.best_)
+        if is_best:
+            self.best_ = estimated
+        net.history.record(gap_key, float(est.gap_))
+        net.history.record(loss_key, float(estimated))
+        net.history.record(best_key, is_best)
+
+
+class EstimatedLossEarlyStopping(EarlyStopping):
+    """skorch's :class:`~skorch.callbacks.EarlyStopping` on the estimated test loss of a
+    :class:`GapTracker` (lower is better): stops after ``patience`` *measurements* without an
+    improvement (epochs the tracker skipped, NaN, are not counted) and, with ``load_best``
+    (default True here), restores the weights of the best measured epoch at the end.
+    Put it after the :class:`GapTracker` in ``callbacks``."""
+
+    def __init__(self, monitor: str = "est_test_loss", patience: int = 5,
+                 threshold: float = 1e-4, threshold_mode: str = "rel", sink=print,
+                 load_best: bool = True):
+        super().__init__(monitor=monitor, patience=patience, threshold=threshold,
+                         threshold_mode=threshold_mode, lower_is_better=True, sink=sink,
+                         load_best=load_best)
+
+    def on_epoch_end(self, net, **kwargs):
+        row = net.history[-1]
+        if self.monitor not in row:
+            raise KeyError(f"{self.monitor!r} is not in net.history: add a GapTracker (before "
+                           "this callback) to callbacks=[...]")
+        if not np.isfinite(row[self.monitor]):  # an epoch the tracker skipped
+            return
+        super().on_epoch_end(net, **kwargs)
