@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command set-up on a fresh machine, then run.
 #   bash run.sh demo   -> install softrank and run the demo on scikit-learn's digits
-#   bash run.sh test   -> install softrank, its test extras and the cross-check libraries, run pytest
+#   bash run.sh test   -> install softrank with its test/plots/distributed/docs extras and the
+#                         cross-check libraries, run pytest
 # Extra arguments are passed to the demo / to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -20,7 +21,7 @@ case "$what" in
     exec "$PY" -m softrank demo "$@"
     ;;
   test)
-    pip_install -e ".[test]"
+    pip_install -e ".[test,plots,distributed,docs]"
     # Cross-check libraries without their dependencies (they require torchvision), plus the
     # small dependencies they really import.
     pip_install --no-deps backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1 \
