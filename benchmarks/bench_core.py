@@ -174,7 +174,7 @@ def main(argv=None):
         return globals()[f"worker_{args.worker}"](args)
     C.setup_torch(args.threads, args.seed)
     X, y = C.load_mnist(args.data, args.n_train)
-    model = C.train(C.mlp(), X, y, epochs=args.epochs, batch_size=args.batch_size,
+    model = C.train(C.mlp().to(args.device), X, y, epochs=args.epochs, batch_size=args.batch_size,
                     weight_decay=args.weight_decay, seed=args.seed, device=args.device).cpu()
     p = C.n_params(model)
     print(f"# bench_core: MLP 784-512-512-10 (p = {p:,}, float32), {args.epochs} epoch(s) of "

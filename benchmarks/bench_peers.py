@@ -126,7 +126,8 @@ def backpack_diagonal(model, X, y, args):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
         for i in range(0, n, args.batch_size):
-            xb, yb = X[i:i + args.batch_size].to(args.device), y[i:i + args.batch_size].to(args.device)
+            sl = slice(i, i + args.batch_size)
+            xb, yb = X[sl].to(args.device), y[sl].to(args.device)
             N = len(xb)
             m.zero_grad()
             loss = lf(m(xb), yb)
@@ -153,7 +154,8 @@ def report_kfac(model, X, y, args):
         t, v = _time(fn, model, X, y, args)
         ratio = t / t_sr
         rows.append([name, f"{v:.4f}", f"{abs(v - v_sr) / abs(v_sr):.1e}", f"{t:.2f}",
-                     f"{ratio:.2f}", f"≥ {KFAC_TARGET}", "yes" if ratio >= KFAC_TARGET else "**no**"])
+                     f"{ratio:.2f}", f"≥ {KFAC_TARGET}",
+                     "yes" if ratio >= KFAC_TARGET else "**no**"])
     print(f"## KFAC soft rank (n = {len(X):,}, batch size {args.batch_size}, λ = "
           f"{args.weight_decay:g}, median of {args.repeats})\n")
     print(C.table(rows, ["library", "soft rank", "rel. diff", "seconds",

@@ -4,7 +4,7 @@
 labels) replaced by a wrong class. A 64-unit MLP fits its training labels almost perfectly, so
 the gradients at the true labels vanish on the training set (α = Tr C/Tr F ≪ 1), and every
 estimate built on them — the Fisher TIC, the soft-rank gap α·rank/n — undershoots the real gap.
-ApproxLOO takes one Newton step per left-out point in output space (SPEC §4a) and keeps the
+ApproxLOO takes one Newton step per left-out point in output space (docs/concepts.md) and keeps the
 factor (I − A_i P_i)⁻¹ that grows on memorized points. The same net trained on clean labels is
 shown for contrast.
 

@@ -7,7 +7,7 @@ its time, its ratio to the exact value and softrank's memory estimate. The two e
 (dense p×p and the n·K×n·K Gram matrix) agree to rounding; the diagonal is an upper bound;
 KFAC/EKFAC overestimate less and cost one data pass; matrix_free returns a standard error; KFAC
 with a sampled output-gradient factor (``matrix='fisher_mc'``) is cheaper, noisier and lower
-than KFAC with the exact factor (on very confident nets far lower: SPEC §5).
+than KFAC with the exact factor (on very confident nets far lower: docs/approximations.md).
 
     python examples/approximations.py            # ~15 s on one core
 """

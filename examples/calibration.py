@@ -3,7 +3,7 @@
 Four skorch MLPs are trained on 300 digits with weight decay 1e-4 … 1e-1. For each:
 
 * α on the training data (what ``SoftRankFIM`` uses) and on the held-out test data
-  (``TraceRatio`` fitted on held-out data — the "ideal" reading, SPEC §2);
+  (``TraceRatio`` fitted on held-out data — the "ideal" reading);
 * the expected calibration error (ECE) on train and test, and the temperature T that
   minimizes the test NLL of softmax(z/T) (T > 1: over-confident, T < 1: under-confident);
 * the calibrated gap estimate rank_λ(F)/n, the soft-rank gap estimate α·rank_λ(F)/n,

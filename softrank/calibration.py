@@ -233,18 +233,27 @@ def temperature_measures(estimator, X, y, temperature: float = 1.0, X_test=None,
 
 
 def read_alpha(alpha: float, where: str = "train", tol: float = 0.1) -> str:
-    r"""The paper's reading of :math:`\alpha = \mathrm{Tr}\,C/\mathrm{Tr}\,F` on one data set."""
+    r"""The paper's reading of :math:`\alpha = \mathrm{Tr}\,C/\mathrm{Tr}\,F` on the training
+    data (``where='train'``: what it does to the gap estimates) or on test data ('test')."""
+    if where != "train":
+        if abs(alpha - 1.0) <= tol:
+            return f"α_{where} ≈ 1: calibrated on unseen data (C ≈ F)"
+        if alpha > 1.0:
+            return (f"α_{where} > 1: over-confident on unseen data; a temperature T > 1 fitted "
+                    "on held-out data moves it toward 1")
+        return (f"α_{where} < 1: under-confident on unseen data; a temperature T < 1 moves it "
+                "toward 1")
     if abs(alpha - 1.0) <= tol:
-        return (f"α_{where} ≈ 1: calibrated (C ≈ F); rank/n and the soft-rank gap estimate "
-                "agree")
+        return "α_train ≈ 1: calibrated (C ≈ F); rank/n and the soft-rank gap estimate agree"
     if alpha > 1.0:
-        return (f"α_{where} > 1: over-confident; the calibrated estimate rank/n underestimates "
-                "the gap, the soft-rank gap estimate α·rank/n corrects for it")
-    if where == "train" and alpha < 0.3:
-        return (f"α_{where} ≪ 1: the net fits (memorizes) its training labels; every C-based "
-                "estimate collapses there (use ApproxLOO, SPEC §4a)")
-    return (f"α_{where} < 1: under-confident; rank/n overestimates the gap, α·rank/n "
-            "corrects for it")
+        return ("α_train > 1: over-confident; the calibrated estimate rank/n underestimates the "
+                "gap, the soft-rank gap estimate α·rank/n corrects for it")
+    if alpha < 0.3:
+        return ("α_train ≪ 1: the net fits (memorizes) its training labels; every C-based "
+                "estimate collapses there (use ApproxLOO, SPEC §4a), and a temperature fitted "
+                "on the training data is < 1: fit it on held-out data (X_cal, y_cal)")
+    return ("α_train < 1: under-confident; rank/n overestimates the gap, α·rank/n corrects "
+            "for it")
 
 
 @dataclass(frozen=True)
@@ -279,7 +288,8 @@ class CalibrationReport:
         for label, attr in rows:
             b, a = getattr(self.before, attr), getattr(self.after, attr)
             out.append(f"{label:16s}{b:12.4f}{a:12.4f}")
-        out.append(f"(T fitted on {self.temperature_source})")
+        source = self.temperature_source
+        out.append("(T given)" if source == "given" else f"(T fitted on {source})")
         return "\n".join(out + self.reading())
 
 

@@ -2,12 +2,10 @@ r"""skorch callbacks: the estimated gap and test loss in ``net.history``, and ea
 them — so a net trains on **all** its data (``train_split=None``) and still stops in time.
 
 * :class:`GapTracker` — every ``every`` epochs, measures the net on its training data with a
-  :class:`~softrank.estimators.GapEstimator` (default: the KFAC soft-rank gap estimate
-  :math:`\alpha\,\mathrm{rank}_\Lambda(F)/n` on a fixed random subsample of 512 training samples)
-  and records
+  :class:`~softrank.estimators.GapEstimator` and records
 
   ============================  ===================================================
-  ``est_gap``                   :math:`\widehat{\mathrm{gap}}` (``gap_``)
+  ``est_gap``                   :math:`\widehat{\mathrm{gap}}` (the estimator's ``gap_``)
   ``est_test_loss``             :math:`\bar\ell_{\mathrm{train}} + \widehat{\mathrm{gap}}`
                                 (mean loss on all training data, evaluation mode)
   ``est_test_loss_best``        True when ``est_test_loss`` is the lowest so far
@@ -19,6 +17,17 @@ them — so a net trains on **all** its data (``train_split=None``) and still st
   ``est_test_loss`` that counts only the measured epochs and restores the best weights.
   With ``every=1`` skorch's own ``EarlyStopping(monitor='est_test_loss')`` and
   ``Checkpoint(monitor='est_test_loss_best')`` work as they are.
+
+The default measure is the **calibrated** KFAC soft-rank estimate
+:math:`\bar\ell_{\mathrm{train}} + \mathrm{rank}_\Lambda(F)/n` — the training loss
+penalized by the effective number of parameters, an AIC with :math:`\mathrm{rank}_\Lambda(F)`
+in place of p — on a fixed random subsample of 512 training samples (seed 0). Not the
+α-weighted estimate: while a net memorizes (noisy labels, small Λ) its training gradients
+vanish, :math:`\alpha = \mathrm{Tr}\,C/\mathrm{Tr}\,F \to 0` and
+:math:`\alpha\,\mathrm{rank}/n` keeps falling while the test loss rises; the soft rank itself
+rises at the onset of memorization, which is what early stopping needs. With a small Λ its
+*level* overestimates the test loss; its minimum over the epochs is what counts (measured on
+digits with flipped labels: docs/guide_training_loop.md).
 
 Both follow skorch's conventions: ``__init__`` only stores parameters, state ends in ``_`` and
 is set in ``initialize()``, so ``clone(net)`` is unfitted and GridSearchCV works. Put
@@ -45,8 +54,10 @@ __all__ = ["GapTracker", "EstimatedLossEarlyStopping", "default_tracker_measure"
 
 
 def default_tracker_measure() -> SoftRankFIM:
-    """KFAC soft-rank gap estimate on a fixed subsample of 512 training samples (seed 0)."""
-    return SoftRankFIM(None, approximation="kfac", n_curvature_samples=512, random_state=0)
+    """Calibrated KFAC soft-rank estimate rank_Λ(F)/n on a fixed subsample of 512 training
+    samples (seed 0)."""
+    return SoftRankFIM(None, approximation="kfac", calibrated=True, n_curvature_samples=512,
+                       random_state=0)
 
 
 def _as_array(a, what):
@@ -76,11 +87,11 @@ class GapTracker(Callback):
     ----------
     measure : GapEstimator or None
         Unfitted template, e.g. ``SoftRankFIM(None, approximation='diagonal',
-        n_curvature_samples=256, random_state=0)``; its settings are used as they are (with
+        n_curvature_samples=256, random_state=0)`` (the α-weighted estimate) or
+        ``ApproxLOO(None, method='exact')``; its settings are used as they are (with
         ``estimator`` = the net being trained and ``prefit=True``). Default
         :func:`default_tracker_measure`. Give it an integer ``random_state`` so that every
-        epoch is measured on the same subsample. ``ApproxLOO(None, method='exact')`` keeps
-        working once the net starts to memorize (where C-based estimates collapse, SPEC §4a).
+        epoch is measured on the same subsample.
     every : int
         Measure at epochs ``every, 2·every, ...`` (NaN in between).
     name : str

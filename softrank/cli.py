@@ -1,4 +1,5 @@
-"""Command line: ``softrank demo [--approximation A] [--csv PATH] [--quick] [--seed S]``."""
+"""Command line: ``softrank demo [--approximation A] [--csv PATH] [--quick] [--seed S]`` and
+``softrank study run|report ...`` (the generalization study)."""
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="rank a grid of skorch MLPs on digits by each measure "
                                        "and compare with the observed gap (Kendall tau)")
     demo_parser(demo)
+    from .study.cli import add_study_command
+
+    add_study_command(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "study":
+        return args.study_main(args)
     if args.command == "demo":
         from .demo import main as demo_main
 

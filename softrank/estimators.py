@@ -46,6 +46,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from . import skorch_adapter as sk
 from .curvature import APPROXIMATIONS, GramCurvature, curvature
 from .families import family_for
+from .influence import fisher_leverage  # noqa: F401  (re-exported: per-sample leverage)
 from .loo import LOO_METHODS, approx_loo
 from .measures import MeasureResult, hessian_norms, soft_rank_gap, tic, trace_ratio
 from .model import ModelData
@@ -384,33 +385,6 @@ class SoftRankFIM(TransformerMixin, GapEstimator):
 
 def _same_array(a, b) -> bool:
     return a.shape == b.shape and np.array_equal(a, b)
-
-
-def fisher_leverage(F, md, L) -> torch.Tensor:
-    r"""(N,) :math:`\mathrm{Tr}\,F_i(F+\Lambda)^{-1} = \sum_c s_{ic}^\top(F+\Lambda)^{-1}s_{ic}`
-    for the samples of ``md``, :math:`s_{ic} = J_i^\top b_{ic}` (columns of :math:`B_i`)."""
-    out = []
-    for b in md.batches("fisher"):
-        if isinstance(F, GramCurvature):
-            rows = _gram_quadratic_rows(F, b.layers, L)
-        else:
-            G = torch.cat([r.per_sample_grads(lb) for r, lb in zip(md.rules, b.layers)], -1)
-            V, N, p = G.shape
-            cols = G.transpose(0, 1).reshape(N * V, p).cpu()
-            rows = (cols * F.solve(cols.T, L).T).sum(1)
-        n_vectors = b.layers[0].g.shape[0]  # V columns of B_i per sample, rows sample-major
-        out.append(rows.reshape(-1, n_vectors).sum(1))
-    return torch.cat(out)
-
-
-def _gram_quadratic_rows(F, layers, L) -> torch.Tensor:
-    r"""Rows :math:`s^\top(F+\Lambda)^{-1}s` by Woodbury against the Gram of F:
-    :math:`s^\top\Lambda^{-1}s - k^\top(I+\tilde K)^{-1}k`, :math:`k = S\Lambda^{-1}s/\sqrt n`."""
-    w = tuple(1.0 / v for v in L.tensor_values("approximation='gram'"))
-    own = F.cross_kernel([layers], [layers], w).diagonal()
-    cross = F.cross_kernel([layers], F.feats, w) / F.md.n ** 0.5
-    sol = torch.cholesky_solve(cross.T.contiguous(), F._cholesky(L))
-    return own - (cross * sol.T).sum(1)
 
 
 class TIC(GapEstimator):

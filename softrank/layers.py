@@ -29,15 +29,6 @@ class UnsupportedLayerError(TypeError):
     """A layer has no rule for the requested approximation (e.g. KFAC on BatchNorm)."""
 
 
-def _xtx(x: torch.Tensor) -> torch.Tensor:
-    r""":math:`x^\top x` of a 2-D tensor (symmetric). On the CPU numpy hands this product to BLAS
-    ``syrk``, which computes one triangle: half the flops of torch's GEMM."""
-    if x.device.type != "cpu" or x.requires_grad:
-        return x.T @ x
-    xn = x.contiguous().numpy()
-    return torch.from_numpy(xn.T @ xn)
-
-
 @dataclass
 class LayerBatch:
     """One tracked module on one batch: inputs and backpropagated output gradients.
@@ -191,11 +182,8 @@ class KroneckerRule(LayerRule):
             aa = a1[:, 0] @ a2[:, 0].T
             (V1, N1), (V2, N2) = lb1.g.shape[:2], lb2.g.shape[:2]
             g1 = lb1.g[:, :, 0].transpose(0, 1).reshape(N1 * V1, -1)  # rows (i, c)
-            if lb2 is lb1:  # diagonal block: symmetric
-                gg = _xtx(g1.T)
-            else:
-                gg = g1 @ lb2.g[:, :, 0].transpose(0, 1).reshape(N2 * V2, -1).T
-            return gg.view(N1, V1, N2, V2).mul_(aa[:, None, :, None])
+            g2 = lb2.g[:, :, 0].transpose(0, 1).reshape(N2 * V2, -1)
+            return (g1 @ g2.T).view(N1, V1, N2, V2).mul_(aa[:, None, :, None])
         if T * T <= self.numel:  # Σ_{t,s} (ã_it·ã_js)(g_ict·g_jds)
             aa = torch.einsum("itk,jsk->itjs", a1, a2)
             gg = torch.einsum("aitk,bjsk->iatjbs", lb1.g, lb2.g)
@@ -220,10 +208,9 @@ class KroneckerRule(LayerRule):
     # -- KFAC ------------------------------------------------------------------------------
     def kfac_sums(self, lb):
         """(Σ_{i,t} ã ãᵀ / T, Σ_{i,c,t} g gᵀ): the 'expand' convention for Conv2d."""
-        a = self._tilde(lb.a)
-        A = _xtx(a.reshape(-1, a.shape[-1])) / a.shape[1]
-        G = _xtx(lb.g.reshape(-1, lb.g.shape[-1]))
-        return A, G
+        a = self._tilde(lb.a).flatten(0, 1)  # (N·T, d_in~)
+        g = lb.g.flatten(0, 2)  # (V·N·T, d_out)
+        return a.T @ a / lb.a.shape[1], g.T @ g
 
     def eigen_coords(self, lb, UA, UG):
         """Per-sample gradients in the Kronecker eigenbasis, squared and summed over t:

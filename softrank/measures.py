@@ -126,11 +126,9 @@ def tic(md, lam, approximation: str = "exact", variant: str = "fisher", *,
     else:
         value = M.tic_sum(md.rules, md.batches("residual"), L) / md.n
         _add_error_bar(diag, M, 1.0 / md.n)
-        if centered:
-            gbar = curvature(md, "gsm", "diagonal")  # cheap pass for ḡ
+        if centered:  # Tr (C − ḡḡᵀ)(M+Λ)⁻¹ = Tr C(M+Λ)⁻¹ − ḡᵀ(M+Λ)⁻¹ḡ
             g = _gradient_mean(md)
             value -= float(g @ M.solve(g, L))
-            del gbar
     return MeasureResult("tic", value, value / md.n_train, md.n_train, _lam_repr(L),
                          M.approximation, diag)
 

@@ -18,7 +18,9 @@ gram            :math:`3\cdot 8(nV)^2` (kernel, Cholesky, inverse) + the recorde
 diagonal        :math:`3\cdot 8p` + one batch of layer records                        p
 kfac, ekfac     :math:`\sum_l 8(2\tilde d_l^2 + 2d_l^2 + 2d_l\tilde d_l)` + one batch   layers
 matrix_free     Lanczos basis :math:`8\,\text{steps}\cdot p\cdot m` + :math:`6\cdot 8pm`   p
-                work vectors + per-batch tangents :math:`3Bams` (m = probes per block)
+                work vectors + :math:`pm(16 + s(2+t))` jvp/vjp buffers (t parameter
+                tensors: each slice of the flat θ gets a p-sized gradient) + per-batch
+                tangents :math:`3Bams` (m = probes per block)
 ==============  ==================================================================  ==========
 
 "one batch of layer records" is :math:`8B\sum_l T_l(\tilde d_l + V d_l)` plus the autograd
@@ -112,6 +114,7 @@ class _Layout:
     K: int
     s: int  # bytes per element of the model dtype
     act: int  # activations per sample (elements)
+    tensors: int  # parameter tensors
     layers: list  # (numel, d_in_tilde or None, d_out or None, T) per rule
 
 
@@ -127,7 +130,8 @@ def _layout(md) -> _Layout:
         else:
             layers.append((r.numel, None, None, 1))
     s = torch.empty((), dtype=md.dtype).element_size()
-    return _Layout(md.n, md.n_params, min(md.batch_size, md.n), md.n_outputs, s, act, layers)
+    return _Layout(md.n, md.n_params, min(md.batch_size, md.n), md.n_outputs, s, act,
+                   len(md.sizes), layers)
 
 
 def _vectors(md, matrix, mc_samples) -> int:
@@ -188,14 +192,16 @@ def estimate_memory(md, approximation: str = "exact", matrix: str = "fisher", *,
                  "layer records (one batch)": _batch_records(L, V, B),
                  "autograd graph (one batch)": _graph(L, V)}
     elif approximation in ("kfac", "ekfac"):
-        parts = {"Kronecker factors and eigenbases": _kronecker_factors(L, approximation == "ekfac"),
+        factors = _kronecker_factors(L, approximation == "ekfac")
+        parts = {"Kronecker factors and eigenbases": factors,
                  "layer records (one batch)": _batch_records(L, V, B),
                  "autograd graph (one batch)": _graph(L, V)}
     else:
         m = min(n_probes, block_size or n_probes)
         parts = {"Lanczos basis": F64 * lanczos_steps * p * m,
                  "work vectors": 6 * F64 * p * m,
-                 "tangents / cotangents (one batch)": 3 * B * L.act * m * L.s + m * p * L.s,
+                 "parameter-sized jvp/vjp buffers": m * p * (2 * F64 + L.s * (2 + L.tensors)),
+                 "tangents / cotangents (one batch)": 3 * B * L.act * m * L.s,
                  "autograd graph (one batch)": 2 * B * L.act * L.s}
         if preconditioner in ("kfac", "diagonal"):
             pre = estimate_memory(md, preconditioner, "fisher")

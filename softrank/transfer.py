@@ -37,10 +37,11 @@ __all__ = ["FrozenFeatures", "ExtractorScore", "compare_feature_extractors"]
 
 class FrozenFeatures(TransformerMixin, BaseEstimator):
     """A frozen torch module as a transformer: ``transform(X)`` = ``module(X)`` of a private
-    copy in evaluation mode, without gradients, flattened to (N, d) in float32 (or ``dtype``).
-    ``fit`` only copies the module (it is never trained; the user's module is not changed)."""
+    copy in evaluation mode, without gradients, flattened to (N, d), in the module's output
+    dtype (or ``dtype``: match the head's). ``fit`` only copies the module (it is never
+    trained; the user's module is not changed)."""
 
-    def __init__(self, module: nn.Module, *, batch_size: int = 1024, dtype=np.float32,
+    def __init__(self, module: nn.Module, *, batch_size: int = 1024, dtype=None,
                  device=None):
         self.module = module
         self.batch_size = batch_size
@@ -68,7 +69,8 @@ class FrozenFeatures(TransformerMixin, BaseEstimator):
             for start in range(0, len(X), self.batch_size):
                 z = self.module_(X[start:start + self.batch_size].to(device))
                 out.append(z.reshape(len(z), -1).cpu().numpy())
-        return np.concatenate(out).astype(self.dtype, copy=False)
+        out = np.concatenate(out)
+        return out if self.dtype is None else out.astype(self.dtype, copy=False)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

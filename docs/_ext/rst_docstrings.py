@@ -12,8 +12,8 @@ Markdown + ``pymdownx.arithmatex`` the site uses:
 * a paragraph ending in ``::`` (or a ``.. code-block:: lang`` directive) followed by an
   indented block → a fenced code block;
 * a paragraph after the last item of a ``Parameters`` section → moved in front of it;
-* a section title that starts with "Parameters" (``Parameters common to the concrete
-  estimators``) → the NumPy ``Parameters`` section, rendered as a parameter table.
+* a section title that starts with "Parameters", "Attributes", "Returns" or "Raises"
+  (``Parameters common to the concrete estimators``) → that NumPy section, rendered as a list.
 
 Used from ``mkdocs.yml`` (``plugins.mkdocstrings.handlers.python.options.extensions``).
 """
@@ -201,14 +201,15 @@ def convert_literal_blocks(text: str) -> str:
     return "\n".join(out)
 
 
-_PARAMETERS_TITLE = re.compile(r"^(\s*)Parameters\b[^\n]*\n(\s*)-{3,}\s*$", re.M)
+_SECTION_TITLE = re.compile(
+    r"^(\s*)(Parameters|Attributes|Returns|Raises)\b[^\n]*\n(\s*)-{3,}\s*$", re.M)
 
 
 def convert_section_titles(text: str) -> str:
-    """'Parameters common to ...' / 'Parameters (besides ...)' + underline → a NumPy
-    'Parameters' section, so the entries render as a parameter table."""
-    return _PARAMETERS_TITLE.sub(lambda m: f"{m.group(1)}Parameters\n{m.group(2)}----------",
-                                 text)
+    """'Parameters common to ...' / 'Attributes (set in ...)' + underline → the NumPy section
+    ('Parameters', 'Attributes', ...), so the entries render as a list, not a paragraph."""
+    return _SECTION_TITLE.sub(
+        lambda m: f"{m.group(1)}{m.group(2)}\n{m.group(3)}{'-' * len(m.group(2))}", text)
 
 
 _ITEM = re.compile(r"^[A-Za-z_*][\w*]*(\s*,\s*[A-Za-z_*][\w*]*)*(\s+:\s.*|\s*:?)$")
@@ -220,7 +221,8 @@ def move_trailing_prose(text: str) -> str:
     Move such paragraphs in front of the section."""
     lines = text.split("\n")
     for h in range(len(lines) - 1):
-        if lines[h].strip() != "Parameters" or not re.fullmatch(r"\s*-{3,}\s*", lines[h + 1]):
+        underlined = re.fullmatch(r"\s*-{3,}\s*", lines[h + 1])
+        if lines[h].strip() not in ("Parameters", "Attributes") or not underlined:
             continue
         j = h + 2
         while j < len(lines):

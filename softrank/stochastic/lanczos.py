@@ -174,8 +174,9 @@ class SLQ:
                             for t, w in rules])
 
     def estimate(self, phi: Callable, lams=None, method: str = "slq") -> StochasticEstimate:
-        r""":math:`\mathrm{Tr}\,\varphi(M)` (``lams`` None) or :math:`\mathrm{Tr}\,\varphi(M;\lambda)`
-        for each λ of ``lams`` (per-λ arrays in the result; value/stderr of the first λ)."""
+        r""":math:`\mathrm{Tr}\,\varphi(M)` (``lams`` None) or
+        :math:`\mathrm{Tr}\,\varphi(M;\lambda)` for each λ of ``lams`` (per-λ arrays in the
+        result; value/stderr of the first λ)."""
         grid = [None] if lams is None else [float(x) for x in np.atleast_1d(lams)]
         values, stderrs, sampling, bias, per_probe = [], [], [], [], []
         for lam in grid:

@@ -34,7 +34,7 @@ __all__ = ["ResultStore", "write_csv", "read_csv", "TEXT_COLUMNS"]
 
 #: columns that stay strings when a CSV is read back
 TEXT_COLUMNS = frozenset({"config_id", "dataset", "arch", "optimizer", "hessian_method",
-                          "errors", "regime"})
+                          "errors", "skipped", "regime"})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS results (
