@@ -89,7 +89,7 @@ def n_params(model: nn.Module) -> int:
 
 
 def make_optimizer(model: nn.Module, weight_decay: float, lr: float = 1e-3):
-    """Adam with L2 weight decay: objective mean loss + ½·wd·‖θ‖² (SPEC §2: Λ = wd·I)."""
+    """Adam with L2 weight decay: objective mean loss + ½·wd·‖θ‖² (SPEC §2: Λ = wd)."""
     return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 

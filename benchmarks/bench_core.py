@@ -27,6 +27,7 @@ import io
 import pstats
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -52,7 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--weight-decay", type=float, default=1e-4, help="also the λ of the soft rank")
     p.add_argument("--epochs", type=int, default=1, help="training epochs before measuring")
-    p.add_argument("--repeats", type=int, default=3, help="alternating timed runs per ratio (fastest kept)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="alternating timed runs per ratio (the fastest is kept)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: --n-train 2000 --n 300 --repeats 1")
     p.add_argument("--profile", action="store_true", help="also print profiles")
@@ -108,7 +110,8 @@ def worker_kfac(args):
         t, c, rank = C.timed_cpu(lambda: soft_rank_kfac(model, X, y, args, matrix), args.device)
         kfac_s.append((t, c))
     C.emit({"seconds": min(kfac_s)[0], "train_seconds": min(train_s)[0],
-            "cpu_seconds": min(c for _, c in kfac_s), "train_cpu_seconds": min(c for _, c in train_s),
+            "cpu_seconds": min(c for _, c in kfac_s),
+            "train_cpu_seconds": min(c for _, c in train_s),
             "soft_rank": rank, "all_seconds": kfac_s, "all_train_seconds": train_s})
 
 
@@ -123,7 +126,7 @@ def worker_gram(args):
 def _profile(fn, label, top=12):
     """Print torch.profiler's operator table and cProfile's softrank functions for ``fn``."""
     from torch.profiler import ProfilerActivity, profile
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(time.process_time)  # CPU time: steadier under other load
     with profile(activities=[ProfilerActivity.CPU]) as tp:
         prof.enable()
         fn()
@@ -139,7 +142,8 @@ def _profile(fn, label, top=12):
     s = io.StringIO()
     stats = pstats.Stats(prof, stream=s).sort_stats("cumulative")
     stats.print_stats(r"softrank[/\\]", top)
-    print(f"\n### {label}: cProfile, softrank functions by cumulative time\n")
+    print(f"\n### {label}: cProfile (process CPU time), softrank functions by cumulative "
+          "time\n")
     print("```\n" + "\n".join(ln for ln in s.getvalue().splitlines()
                                if "softrank" in ln or "cumtime" in ln) + "\n```")
 
@@ -211,17 +215,19 @@ def report_kfac(args, state):
 
 def report_gram(args, state, p):
     r = C.run_worker(SCRIPT, _forward(args, state, worker="gram"), args.threads)
-    K = 10
+    K = 10  # MNIST classes: rows per sample of S
     s_bytes = args.n * K * p * 8
     kernel_bytes = (args.n * K) ** 2 * 8
     peak = r["peak_rss_bytes"]
     ok_t, ok_m = r["seconds"] <= GRAM_TARGET_S, peak <= GRAM_TARGET_BYTES
     rows = [[f"{args.n:,}", f"{args.n * K:,}", f"{r['soft_rank']:.6f}", f"**{r['seconds']:.1f}**",
              f"{r['cpu_seconds']:.1f}",
-             C.gib(peak), C.gib(peak - r["rss_before_bytes"]), C.gib(kernel_bytes),
+             f"{C.gib(peak)} ({peak / 1e9:.2f} GB)", C.gib(peak - r["rss_before_bytes"]),
+             C.gib(kernel_bytes),
              f"{C.gib(s_bytes)} ({s_bytes / 1e9:.1f} GB)"]]
-    print(f"\n## Exact Gram soft rank (`approximation='gram'`), separate process\n")
-    print(C.table(rows, ["n", "nK", "soft rank", "wall s", "CPU s", "peak RSS", "peak − RSS before",
+    print("\n## Exact Gram soft rank (`approximation='gram'`), separate process\n")
+    print(C.table(rows, ["n", "nK", "soft rank", "wall s", "CPU s", "peak RSS",
+                         "peak − RSS before",
                          "one nK×nK float64", "materializing S (nK·p·8 B)"]))
     if r.get("device_peak_bytes"):
         print(f"\nCUDA peak allocated: {C.gib(r['device_peak_bytes'])}")

@@ -7,7 +7,10 @@ decay λ, over the first ``--n`` MNIST training images:
    "expand"): ``curvature(md, 'fisher', 'kfac').soft_rank(λ)`` vs curvlinops
    ``KFACLinearOperator(fisher_type='type-2', separate_weight_and_bias=False)`` + eigendecomposition
    of its factors, and vs nngeometry ``FIM(..., PMatKFAC, variant='classif_logits')`` + the same
-   eigendecomposition. Target: softrank ≥ 1.5× faster, same value.
+   eigendecomposition. Target: softrank ≥ 1.5× faster, same value. In float32 and, because
+   nngeometry's ``classif_logits`` gives non-finite G factors in float32 once a prediction is
+   confident (its Cholesky factor of diag(π) − ππᵀ), also with float64 copies of the model
+   against softrank in float64.
 2. **Diagonal Fisher + Tr C**: ``curvature(md, 'fisher', 'diagonal')`` and
    ``curvature(md, 'gsm', 'diagonal').trace()`` vs one BackPACK pass with ``DiagGGNExact`` and
    ``BatchGrad`` (per-sample gradients → Tr C = Σ_i‖g_i‖²/n). Target ≥ 1.0×.
@@ -64,9 +67,12 @@ def parse_args(argv=None):
 
 # -- KFAC ------------------------------------------------------------------------------------------
 def kfac_soft_rank_from_factors(factors, lam) -> float:
-    """Σ_l Σ_jk a_k g_j / (a_k g_j + λ) from per-layer (A, G), eigendecomposed in float64."""
+    """Σ_l Σ_jk a_k g_j / (a_k g_j + λ) from per-layer (A, G), eigendecomposed in float64;
+    NaN when a factor is not finite."""
     total = 0.0
     for A, G in factors:
+        if not (torch.isfinite(A).all() and torch.isfinite(G).all()):
+            return float("nan")
         a = torch.linalg.eigvalsh(A.double().cpu()).clamp_min(0)
         g = torch.linalg.eigvalsh(G.double().cpu()).clamp_min(0)
         e = torch.outer(g, a)
@@ -95,14 +101,22 @@ def curvlinops_kfac(model, X, y, args):
 
 
 def nngeometry_kfac(model, X, y, args):
+    """nngeometry in the model's dtype (its classif_logits builds tensors in torch's default
+    dtype, which is set to match, as tests/_peers.py does)."""
     from torch.utils.data import DataLoader, TensorDataset
 
     from nngeometry.metrics import FIM
     from nngeometry.object import PMatKFAC
     m = copy.deepcopy(model)
-    loader = DataLoader(TensorDataset(X.clone().to(args.device), y.to(args.device)),
+    dtype = next(m.parameters()).dtype
+    loader = DataLoader(TensorDataset(X.clone().to(args.device, dtype), y.to(args.device)),
                         batch_size=args.batch_size, shuffle=False)
-    F = FIM(m, loader, PMatKFAC, variant="classif_logits", device=args.device)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        F = FIM(m, loader, PMatKFAC, variant="classif_logits", device=args.device)
+    finally:
+        torch.set_default_dtype(old)
     lids = F.generator.layer_collection.layers.keys()
     return kfac_soft_rank_from_factors([F.data[k] for k in lids], args.weight_decay)
 
@@ -145,17 +159,30 @@ def _time(fn, model, X, y, args):
     return C.timed(lambda: fn(model, X, y, args), args.device, args.repeats)
 
 
+def _kfac_row(name, t, v, t_sr, v_sr):
+    if v != v:  # NaN: the peer's factors are not finite
+        return [name, "NaN (factors not finite)", "—", f"{t:.2f}", f"{t / t_sr:.2f}",
+                f"≥ {KFAC_TARGET}", "— (fails)"]
+    ratio = t / t_sr
+    return [name, f"{v:.4f}", f"{abs(v - v_sr) / abs(v_sr):.1e}", f"{t:.2f}", f"{ratio:.2f}",
+            f"≥ {KFAC_TARGET}", "yes" if ratio >= KFAC_TARGET else "**no**"]
+
+
 def report_kfac(model, X, y, args):
-    t_sr, v_sr = _time(softrank_kfac, model, X, y, args)
-    rows = [["softrank `curvature(md, 'fisher', 'kfac').soft_rank(λ)`", f"{v_sr:.4f}", "—",
-             f"{t_sr:.2f}", "1.00", "—", "—"]]
-    for name, fn in (("curvlinops KFACLinearOperator (type-2, joint bias) + eigh", curvlinops_kfac),
-                     ("nngeometry FIM(PMatKFAC, classif_logits) + eigh", nngeometry_kfac)):
-        t, v = _time(fn, model, X, y, args)
-        ratio = t / t_sr
-        rows.append([name, f"{v:.4f}", f"{abs(v - v_sr) / abs(v_sr):.1e}", f"{t:.2f}",
-                     f"{ratio:.2f}", f"≥ {KFAC_TARGET}",
-                     "yes" if ratio >= KFAC_TARGET else "**no**"])
+    rows = []
+    for dtype in (torch.float32, torch.float64):
+        m, Xd = copy.deepcopy(model).to(dtype), X.to(dtype)
+        tag = str(dtype).replace("torch.", "")
+        t_sr, v_sr = _time(softrank_kfac, m, Xd, y, args)
+        rows.append([f"softrank `curvature(md, 'fisher', 'kfac').soft_rank(λ)`, {tag}",
+                     f"{v_sr:.4f}", "—", f"{t_sr:.2f}", "1.00", "—", "—"])
+        peers = [("nngeometry FIM(PMatKFAC, classif_logits) + eigh", nngeometry_kfac)]
+        if dtype == torch.float32:
+            peers.insert(0, ("curvlinops KFACLinearOperator (type-2, joint bias) + eigh",
+                             curvlinops_kfac))
+        for name, fn in peers:
+            t, v = _time(fn, m, Xd, y, args)
+            rows.append(_kfac_row(f"{name}, {tag}", t, v, t_sr, v_sr))
     print(f"## KFAC soft rank (n = {len(X):,}, batch size {args.batch_size}, λ = "
           f"{args.weight_decay:g}, median of {args.repeats})\n")
     print(C.table(rows, ["library", "soft rank", "rel. diff", "seconds",
