@@ -28,7 +28,8 @@ from softrank import SoftRankFIM
 from softrank.datasets import load_digits_split, load_fashion_mnist, load_mnist
 from softrank.transfer import compare_feature_extractors
 
-DATA = Path(os.environ.get("SOFTRANK_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DATA = Path(os.environ.get("SOFTRANK_DATA",
+                          Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def mlp(n_in, width=256, n_out=5):
@@ -114,7 +115,7 @@ def report(what, extractors, X, y, Xt, yt):
 
 
 def main():
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)  # tiny models: one thread is fastest (and robust on busy cores)
     start = time.time()
     try:
         targets = mnist_setup()

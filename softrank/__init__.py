@@ -1,7 +1,9 @@
 """softrank: how well will a trained network generalize — from its training data alone."""
 from .curvature import curvature
 from .estimators import TIC, ApproxLOO, GapEstimator, HessianNorm, SoftRankFIM, TraceRatio
+from .callbacks import EstimatedLossEarlyStopping, GapTracker
 from .families import family_for
+from .influence import leverage_scores, rank_samples, tic_contributions
 from .loo import approx_loo
 from .model import ModelData
 from .scoring import InSampleSplit, gap_scorer, make_gap_scorer
@@ -9,4 +11,6 @@ from .scoring import InSampleSplit, gap_scorer, make_gap_scorer
 __version__ = "0.1.0"
 __all__ = ["ModelData", "curvature", "family_for", "approx_loo", "__version__",
            "GapEstimator", "SoftRankFIM", "TIC", "TraceRatio", "HessianNorm", "ApproxLOO",
-           "InSampleSplit", "gap_scorer", "make_gap_scorer"]
+           "InSampleSplit", "gap_scorer", "make_gap_scorer",
+           "GapTracker", "EstimatedLossEarlyStopping",
+           "leverage_scores", "tic_contributions", "rank_samples"]

@@ -137,7 +137,7 @@ def _model_data(estimator, X, y, temperature=1.0, **kw):
 
 
 def _outputs(md) -> torch.Tensor:
-    return torch.cat([b.z for b in md.batches(None)])
+    return torch.cat([b.z.cpu() for b in md.batches(None)])
 
 
 def _proba(z: torch.Tensor) -> np.ndarray:

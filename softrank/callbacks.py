@@ -165,20 +165,31 @@ class EstimatedLossEarlyStopping(EarlyStopping):
     :class:`GapTracker` (lower is better): stops after ``patience`` *measurements* without an
     improvement (epochs the tracker skipped, NaN, are not counted) and, with ``load_best``
     (default True here), restores the weights of the best measured epoch at the end.
-    Put it after the :class:`GapTracker` in ``callbacks``."""
+
+    ``warmup``: the first ``warmup`` epochs are not monitored. The estimates assume a trained
+    net; during the first epochs the net is far from that and its soft rank is still growing
+    as it learns features, so an early, low estimate would otherwise end training (measured on
+    digits with flipped labels: docs/guide_training_loop.md). Put it after the
+    :class:`GapTracker` in ``callbacks``."""
 
     def __init__(self, monitor: str = "est_test_loss", patience: int = 5,
                  threshold: float = 1e-4, threshold_mode: str = "rel", sink=print,
-                 load_best: bool = True):
+                 load_best: bool = True, warmup: int = 2):
         super().__init__(monitor=monitor, patience=patience, threshold=threshold,
                          threshold_mode=threshold_mode, lower_is_better=True, sink=sink,
                          load_best=load_best)
+        self.warmup = warmup
+
+    def on_train_begin(self, net, **kwargs):
+        if not isinstance(self.warmup, Integral) or self.warmup < 0:
+            raise ValueError(f"warmup must be a non-negative integer; got {self.warmup!r}")
+        super().on_train_begin(net, **kwargs)
 
     def on_epoch_end(self, net, **kwargs):
         row = net.history[-1]
         if self.monitor not in row:
             raise KeyError(f"{self.monitor!r} is not in net.history: add a GapTracker (before "
                            "this callback) to callbacks=[...]")
-        if not np.isfinite(row[self.monitor]):  # an epoch the tracker skipped
-            return
+        if row["epoch"] <= self.warmup or not np.isfinite(row[self.monitor]):
+            return  # warm-up, or an epoch the tracker skipped
         super().on_epoch_end(net, **kwargs)

@@ -9,8 +9,9 @@ For a curvature :math:`F` (the Fisher of the training data) and per-sample vecto
   :math:`\mathrm{rank}_\Lambda(F)`;
 * **TIC contribution** (labels): :math:`s_i = g_i = \nabla_\theta\ell_i`,
   :math:`t_i = g_i^\top(F+\Lambda)^{-1}g_i/m`, which sum to the TIC
-  :math:`\mathrm{Tr}\,C(F+\Lambda)^{-1}`. :math:`n\,t_i` is, to first order, how much sample i's
-  loss rises when it is left out (SPEC §4a): large for samples the net cannot explain from the
+  :math:`\mathrm{Tr}\,C(F+\Lambda)^{-1}`. With F of all n training samples, :math:`t_i` is, to
+  first order, how much sample i's loss rises when it is left out
+  (:math:`r_i^\top P_i r_i`, SPEC §4a): large for samples the net cannot explain from the
   others — mislabelled ones.
 
 The quadratic forms come from the representation: Woodbury rows against the Gram kernel
@@ -73,7 +74,7 @@ def per_sample_quadratic(F, md, L, vectors: str = "fisher") -> torch.Tensor:
     ``vectors='fisher'``: :math:`\mathrm{Tr}\,F_i(F+\Lambda)^{-1}`; ``'residual'``:
     :math:`g_i^\top(F+\Lambda)^{-1}g_i` (labels needed)."""
     solve = _solver(F, L)
-    return torch.cat([quadratic_rows(F, md.rules, b.layers, L, solve).sum(1)
+    return torch.cat([quadratic_rows(F, md.rules, b.layers, L, solve).sum(1).cpu()
                       for b in md.batches(vectors)])
 
 

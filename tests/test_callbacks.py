@@ -4,6 +4,7 @@ estimated test loss."""
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from skorch.callbacks import Callback, Checkpoint, EarlyStopping
 from skorch.dataset import ValidSplit
 from threadpoolctl import threadpool_limits
 
-from softrank import ApproxLOO, SoftRankFIM, TIC
+from softrank import SoftRankFIM, TIC
 from softrank.callbacks import EstimatedLossEarlyStopping, GapTracker, training_arrays
 from softrank.datasets import load_digits_split
 from softrank.demo import make_mlp_classifier
@@ -140,10 +141,13 @@ def test_early_stopping_counts_measured_epochs_only(digits):
             return type("E", (), {"gap_": value, "train_loss_": 0.0, "result_": None})()
 
     torch.manual_seed(0)
-    stopper = EstimatedLossEarlyStopping(patience=2, sink=lambda *_: None)
+    stopper = EstimatedLossEarlyStopping(patience=2, warmup=0, sink=lambda *_: None)
     net = small_net(max_epochs=12, callbacks=[Scripted(every=2), stopper]).fit(X, y)
     assert len(net.history) == 8  # two measured epochs (6, 8) without improvement
     assert stopper.best_epoch_ == 4
+    warm = EstimatedLossEarlyStopping(patience=2, warmup=4, sink=lambda *_: None)
+    small_net(max_epochs=12, callbacks=[Scripted(every=2), warm]).fit(X, y)
+    assert warm.best_epoch_ == 6  # epochs 1-4 not monitored
     torch.manual_seed(0)
     skorch_es = EarlyStopping(monitor="est_test_loss", patience=2, sink=lambda *_: None)
     assert len(small_net(max_epochs=12, callbacks=[Scripted(every=2), skorch_es]).fit(
@@ -151,6 +155,9 @@ def test_early_stopping_counts_measured_epochs_only(digits):
 
     with pytest.raises(KeyError, match="GapTracker"):
         small_net(max_epochs=1, callbacks=[EstimatedLossEarlyStopping()]).fit(X, y)
+    with pytest.raises(ValueError, match="warmup"):
+        small_net(max_epochs=1, callbacks=[GapTracker(), EstimatedLossEarlyStopping(
+            warmup=-1)]).fit(X, y)
 
 
 def test_checkpoint_on_the_best_estimate(digits, tmp_path):
@@ -208,9 +215,7 @@ def test_early_stopping_on_the_estimated_test_loss_stops_in_time():
 
     torch.manual_seed(0)
     stopper = EstimatedLossEarlyStopping(patience=5, sink=lambda *_: None)
-    tracker = GapTracker(SoftRankFIM(None, approximation="kfac", calibrated=True,
-                                     n_curvature_samples=256, random_state=0))
-    stopped = noisy_net(max_epochs=40, callbacks=[tracker, stopper]).fit(X, y)
+    stopped = noisy_net(max_epochs=40, callbacks=[GapTracker(), stopper]).fit(X, y)
 
     assert len(stopped.history) < 20  # it did stop
     assert abs(stopper.best_epoch_ - best_epoch) <= 3
@@ -218,3 +223,35 @@ def test_early_stopping_on_the_estimated_test_loss_stops_in_time():
     assert chosen == pytest.approx(test_curve[stopper.best_epoch_ - 1], rel=1e-6)
     assert chosen <= 1.05 * test_curve.min()
     assert test_curve[-1] >= 1.5 * test_curve.min()  # stopping mattered
+
+
+# -- the examples ------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_example_track_gap():
+    """Measured: lowest estimate at epoch 11 (both), lowest real test loss at epoch 12."""
+    from .test_examples import run_example
+
+    out = run_example("track_gap.py")
+    m = re.search(r"lowest estimate at epoch (\d+) \(calibrated\), (\d+) \(α-weighted\); "
+                  r"lowest real test loss at epoch (\d+)", out)
+    assert m, out
+    calibrated, weighted, real = map(int, m.groups())
+    assert abs(calibrated - real) <= 3 and abs(weighted - real) <= 3
+
+
+@pytest.mark.slow
+def test_example_early_stopping():
+    """Measured: test loss 1.155 (60 epochs), 0.773 (80 %, validation), 0.721 (ours, epoch 4;
+    lowest 0.708 at epoch 7)."""
+    from .test_examples import run_example
+
+    out = run_example("early_stopping.py")
+    losses = {}
+    for label in ("all data, 60 epochs", "80 %, EarlyStopping(valid_loss)",
+                  "all data, EstimatedLossEarlyStopping"):
+        line = next(line for line in out.splitlines() if line.startswith(label))
+        losses[label] = float(line.split()[-2])
+    ours = losses["all data, EstimatedLossEarlyStopping"]
+    assert ours < losses["80 %, EarlyStopping(valid_loss)"] < losses["all data, 60 epochs"]
+    margin = int(re.search(r"margin (\d+) epochs", out).group(1))
+    assert margin <= 4

@@ -43,7 +43,8 @@ def table_rows(out: str, first_column: str = NUMBER) -> list[list[float]]:
 
 def test_the_documented_example_scripts_exist():
     documented = {"quickstart_gridsearch.py", "choosing_lambda.py", "approximations.py",
-                  "calibration.py", "approx_loo.py"}
+                  "calibration.py", "approx_loo.py", "track_gap.py", "early_stopping.py",
+                  "flipped_labels.py", "transfer_learning.py"}
     assert documented <= {p.name for p in EXAMPLES.glob("*.py")}
 
 
