@@ -29,6 +29,8 @@ Writing another measure: subclass :class:`GapEstimator`, list the parameters in 
 curvature samples, ``md.n_train`` is n; ``lam`` is resolved, or None when ``_needs_lam`` is
 False). ``result.gap`` becomes ``gap_`` (override ``_gap``), ``result.diagnostics['stderr']``
 becomes ``stderr_``. Set ``_requires_fisher = False`` when the measure works for any criterion.
+For ``memory_budget``, list the curvatures ``_measure`` builds in ``_memory_plan(self, md)``
+(``[(approximation, matrix, options), ...]``).
 """
 from __future__ import annotations
 
@@ -41,14 +43,18 @@ from sklearn.base import BaseEstimator, MetaEstimatorMixin, TransformerMixin, cl
 from sklearn.utils import check_random_state
 from sklearn.utils._tags import ClassifierTags, RegressorTags
 from sklearn.utils.metaestimators import available_if
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import skorch_adapter as sk
 from .curvature import APPROXIMATIONS, GramCurvature, curvature
+from .curvature.dense import DEFAULT_MAX_PARAMS
 from .families import family_for
 from .influence import fisher_leverage  # noqa: F401  (re-exported: per-sample leverage)
 from .loo import LOO_METHODS, approx_loo
 from .measures import MeasureResult, hessian_norms, soft_rank_gap, tic, trace_ratio
+from .memory import (MemoryEstimate, check_loo_memory, check_memory, estimate_loo_memory,
+                     estimate_memory, parse_bytes)
 from .model import ModelData
 from .regularization import as_lam
 
@@ -111,6 +117,13 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
     prefit : 'auto', True or False
         'auto': fit a clone of the net only if it is not fitted; True: require a fitted net
         (clear error otherwise); False: always fit a clone.
+    memory_budget : int, str or None
+        Bytes (an int, or a string such as '2GB' or '512MiB') the curvature representations may
+        use. ``fit`` compares :mod:`softrank.memory`'s estimate of every curvature the measure
+        builds with it, after training the net (if it does) and before any measuring data pass,
+        and raises a :class:`MemoryError` naming the approximation, the estimate, the budget and
+        the approximations that would fit. None (default): no check.
+        :meth:`estimate_memory` lists the estimates in advance.
     """
 
     _needs_lam = True
@@ -129,6 +142,10 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         approx = getattr(self, "approximation", "exact")
         if approx not in APPROXIMATIONS:
             raise ValueError(f"approximation must be one of {APPROXIMATIONS}; got {approx!r}")
+        budget = getattr(self, "memory_budget", None)
+        if budget is not None and (isinstance(budget, bool) or parse_bytes(budget) <= 0):
+            raise ValueError(f"memory_budget must be a positive number of bytes, a string such "
+                             f"as '2GB', or None; got {budget!r}")
         lam = getattr(self, "lam", None)
         if isinstance(lam, str) and lam != "auto":
             raise ValueError("lam must be 'auto', a positive float, a dict or a tensor; "
@@ -233,9 +250,12 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         self._check_criterion(net)
         n_train, source = sk.n_trained(net, Xt, y)
         full = self._model_data(net, Xt, y, n_train)
-        train_loss = sk.mean_loss(full)
         Xc, yc = self._curvature_subset(Xt, y)
         md = full if len(Xc) == len(Xt) else self._model_data(net, Xc, yc, n_train)
+        budget = getattr(self, "memory_budget", None)
+        if budget is not None:  # before any data pass
+            self._memory_estimates(md, budget)
+        train_loss = sk.mean_loss(full)
         lam = self._resolve_lam(net, md)
         result = self._measure(md, lam)
 
@@ -257,6 +277,64 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
 
     def _measure(self, md, lam) -> MeasureResult:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # -- memory ----------------------------------------------------------------------------
+    def _memory_plan(self, md) -> list:
+        """(approximation, matrix, options) of every curvature ``_measure`` builds on ``md``;
+        matrix 'approx_loo' stands for :func:`~softrank.loo.approx_loo` (approximation = its
+        method). Subclasses list theirs (default: none)."""
+        return []
+
+    def _memory_estimates(self, md, budget=None) -> list:
+        """The estimates of ``_memory_plan(md)``; with ``budget``, raise a MemoryError (named
+        after the estimator) at the first one above it."""
+        out = []
+        for approx, matrix, opts in self._memory_plan(md):
+            loo = matrix == "approx_loo"
+            try:
+                if budget is None:
+                    est = (estimate_loo_memory(md, approx, **opts) if loo else
+                           estimate_memory(md, approx, matrix, **opts))
+                else:
+                    est = (check_loo_memory(md, approx, budget, **opts) if loo else
+                           check_memory(md, approx, matrix, budget, **opts))
+            except MemoryError as e:
+                name = type(self).__name__
+                raise MemoryError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
+            out.append(est)
+        return out
+
+    def estimate_memory(self, X, y=None) -> list[MemoryEstimate]:
+        """The memory estimates ``fit(X, y)`` would check against ``memory_budget``, one
+        :class:`~softrank.memory.MemoryEstimate` per curvature the measure builds (``total``
+        bytes and the named terms of ``breakdown``), computed from the layer shapes: no data
+        pass, nothing is measured and the estimator is not changed.
+
+        Needs the wrapped net fitted (the estimate reads its module's layers): fit it first, or
+        call this after ``fit`` (it then uses ``estimator_``). ``y`` is optional (only checked).
+        """
+        self._check_params()
+        est = getattr(self, "estimator_", None)
+        est = _unfrozen(self.estimator) if est is None else est
+        pre, net = sk.split_estimator(est)
+        if not sk.is_fitted(net):
+            raise NotFittedError(
+                f"{type(self).__name__}.estimate_memory needs the wrapped "
+                f"{type(net).__name__} fitted (the estimate reads the trained module's layer "
+                "shapes): fit the net first (net.fit(X, y)), then pass it to the estimator "
+                "(wrap it in FrozenEstimator to keep it fitted through clone), or call "
+                "estimate_memory after fit.")
+        dtype = sk.module_dtype(net)
+        if pre is None:
+            X = sk.check_X(X, dtype)
+        else:
+            X = sk.check_X(pre.transform(X), dtype)
+        if y is not None:
+            y = sk.check_y(net, y, len(X), dtype)
+        m = self.n_curvature_samples
+        if m is not None and m < len(X):  # which samples does not matter: only how many
+            X, y = X[:m], None if y is None else y[:m]
+        return self._memory_estimates(self._model_data(net, X, y))
 
     def _gap(self, result) -> float | None:
         return None if result.gap is None else float(result.gap)
@@ -330,7 +408,7 @@ class SoftRankFIM(TransformerMixin, GapEstimator):
 
     def __init__(self, estimator, *, lam="auto", approximation="exact", calibrated=False,
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto"):
+                 params=None, prefit="auto", memory_budget=None):
         self.estimator = estimator
         self.lam = lam
         self.approximation = approximation
@@ -341,11 +419,18 @@ class SoftRankFIM(TransformerMixin, GapEstimator):
         self.device = device
         self.params = params
         self.prefit = prefit
+        self.memory_budget = memory_budget
+
+    def _memory_plan(self, md):
+        # F, then the exact traces of C and F (diagonals) of the trace ratio α
+        return [(self.approximation, "fisher", {}), ("diagonal", "gsm", {}),
+                ("diagonal", "fisher", {})]
 
     def _measure(self, md, lam):
-        F = curvature(md, "fisher", self.approximation, random_state=self.random_state)
+        F = curvature(md, "fisher", self.approximation, random_state=self.random_state,
+                      memory_budget=self.memory_budget)
         self._fisher = F
-        return soft_rank_gap(md, lam, self.approximation, F=F)
+        return soft_rank_gap(md, lam, self.approximation, F=F, memory_budget=self.memory_budget)
 
     def _gap(self, result):
         if self.calibrated:
@@ -366,7 +451,8 @@ class SoftRankFIM(TransformerMixin, GapEstimator):
         F = getattr(self, "_fisher", None)
         if F is None:
             F = curvature(self._model_data(net, self._X_curvature, None), "fisher",
-                          self.approximation, random_state=self.random_state)
+                          self.approximation, random_state=self.random_state,
+                          memory_budget=self.memory_budget)
         return F
 
     def transform(self, X):
@@ -396,7 +482,7 @@ class TIC(GapEstimator):
 
     def __init__(self, estimator, *, lam="auto", approximation="exact", variant="fisher",
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto"):
+                 params=None, prefit="auto", memory_budget=None):
         self.estimator = estimator
         self.lam = lam
         self.approximation = approximation
@@ -407,6 +493,7 @@ class TIC(GapEstimator):
         self.device = device
         self.params = params
         self.prefit = prefit
+        self.memory_budget = memory_budget
 
     @property
     def _requires_fisher(self):
@@ -417,8 +504,17 @@ class TIC(GapEstimator):
         if self.variant not in ("fisher", "hessian"):
             raise ValueError(f"variant must be 'fisher' or 'hessian'; got {self.variant!r}")
 
+    def _memory_plan(self, md):
+        matrix = "fisher" if self.variant == "fisher" else "hessian"
+        plan = [(self.approximation, matrix, {})]
+        if self.approximation == "dense" or (self.approximation == "exact" and (
+                md.n_params <= DEFAULT_MAX_PARAMS or matrix == "hessian")):
+            plan.append(("dense", "gsm", {}))  # a dense M comes with a dense C
+        return plan
+
     def _measure(self, md, lam):
-        return tic(md, lam, self.approximation, self.variant, random_state=self.random_state)
+        return tic(md, lam, self.approximation, self.variant, random_state=self.random_state,
+                   memory_budget=self.memory_budget)
 
 
 class TraceRatio(GapEstimator):
@@ -430,7 +526,7 @@ class TraceRatio(GapEstimator):
     _needs_lam = False
 
     def __init__(self, estimator, *, n_curvature_samples=None, batch_size=256, random_state=None,
-                 device=None, params=None, prefit="auto"):
+                 device=None, params=None, prefit="auto", memory_budget=None):
         self.estimator = estimator
         self.n_curvature_samples = n_curvature_samples
         self.batch_size = batch_size
@@ -438,9 +534,13 @@ class TraceRatio(GapEstimator):
         self.device = device
         self.params = params
         self.prefit = prefit
+        self.memory_budget = memory_budget
+
+    def _memory_plan(self, md):
+        return [("diagonal", "gsm", {}), ("diagonal", "fisher", {})]
 
     def _measure(self, md, lam):
-        return trace_ratio(md)
+        return trace_ratio(md, memory_budget=self.memory_budget)
 
 
 class HessianNorm(GapEstimator):
@@ -460,7 +560,7 @@ class HessianNorm(GapEstimator):
 
     def __init__(self, estimator, *, ord="trace", approximation="exact",
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto"):
+                 params=None, prefit="auto", memory_budget=None):
         self.estimator = estimator
         self.ord = ord
         self.approximation = approximation
@@ -470,17 +570,22 @@ class HessianNorm(GapEstimator):
         self.device = device
         self.params = params
         self.prefit = prefit
+        self.memory_budget = memory_budget
 
     def _check_params(self):
         super()._check_params()
         if self.ord not in ("trace", "spectral", "frobenius"):
             raise ValueError(f"ord must be 'trace', 'spectral' or 'frobenius'; got {self.ord!r}")
 
+    def _memory_plan(self, md):
+        dense = self.approximation in ("exact", "dense")
+        return [("dense" if dense else self.approximation, "hessian", {})]
+
     def _measure(self, md, lam):
         if self.approximation in ("exact", "dense"):
-            return hessian_norms(md, self.ord)
+            return hessian_norms(md, self.ord, memory_budget=self.memory_budget)
         return hessian_norms(md, self.ord, approximation=self.approximation,
-                             random_state=self.random_state)
+                             random_state=self.random_state, memory_budget=self.memory_budget)
 
     def score(self, X, y=None) -> float:
         """``-measure_``: greater is better (flatter). X and y are checked, not used."""
@@ -510,6 +615,12 @@ class ApproxLOO(GapEstimator):
         gradients (KFAC-preconditioned) against the full-data Fisher, with ``stderr_``.
     n_points : int or None
         Points for ``method='subsample'`` (default: all).
+    memory_budget : int, str or None
+        As for :class:`GapEstimator`, checked against
+        :func:`softrank.memory.estimate_loo_memory` of ``method`` ('exact': the nK×nK NTK kernel
+        and a Cholesky of that size, quadratic in n; 'kfac': the Kronecker factors and at most
+        ``softrank.loo.KFAC_CACHE_BYTES`` of cached layer records; 'subsample': the Jacobians
+        of the ``n_points`` points and the CG vectors).
 
     Fitted diagnostics: ``soft_rank_`` (:math:`\mathrm{rank}_\Lambda(F)`), ``tic_gap_`` (the
     first-order term), ``loo_losses_`` (each measured point's leave-one-out loss: a memorization
@@ -520,7 +631,7 @@ class ApproxLOO(GapEstimator):
 
     def __init__(self, estimator, *, lam="auto", method="exact", n_points=None,
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto"):
+                 params=None, prefit="auto", memory_budget=None):
         self.estimator = estimator
         self.lam = lam
         self.method = method
@@ -531,6 +642,7 @@ class ApproxLOO(GapEstimator):
         self.device = device
         self.params = params
         self.prefit = prefit
+        self.memory_budget = memory_budget
 
     def _check_params(self):
         super()._check_params()
@@ -540,10 +652,15 @@ class ApproxLOO(GapEstimator):
         if m is not None and (not isinstance(m, Integral) or isinstance(m, bool) or m < 1):
             raise ValueError(f"n_points must be a positive integer or None; got {m!r}")
 
+    def _n_points(self, md):
+        return None if self.n_points is None else min(int(self.n_points), md.n)
+
+    def _memory_plan(self, md):
+        return [(self.method, "approx_loo", {"n_points": self._n_points(md)})]
+
     def _measure(self, md, lam):
-        n_points = None if self.n_points is None else min(int(self.n_points), md.n)
-        res = approx_loo(md, lam, self.method, n_points=n_points,
-                         random_state=self.random_state)
+        res = approx_loo(md, lam, self.method, n_points=self._n_points(md),
+                         random_state=self.random_state, memory_budget=self.memory_budget)
         self._loo = res
         diagnostics = {"stderr": res.stderr, "soft_rank": res.soft_rank,
                        "tic_gap": res.first_order_gap, "train_loss": res.train_loss,

@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn import functional as Fn
 
+from ._blas import gram_t
+
 __all__ = ["LayerBatch", "rule_for", "UnsupportedLayerError"]
 
 
@@ -206,11 +208,15 @@ class KroneckerRule(LayerRule):
         return self.to_flat(torch.einsum("vnto,vn,ntk->ok", lb.g, u, self._tilde(lb.a)))
 
     # -- KFAC ------------------------------------------------------------------------------
+    def kfac_rows(self, lb):
+        """(rows of ã, their weight 1/T, rows of g): the batch's KFAC sums are
+        Σ_{i,t} ã ãᵀ / T and Σ_{i,c,t} g gᵀ (the 'expand' convention for Conv2d)."""
+        return self._tilde(lb.a).flatten(0, 1), 1.0 / lb.a.shape[1], lb.g.flatten(0, 2)
+
     def kfac_sums(self, lb):
-        """(Σ_{i,t} ã ãᵀ / T, Σ_{i,c,t} g gᵀ): the 'expand' convention for Conv2d."""
-        a = self._tilde(lb.a).flatten(0, 1)  # (N·T, d_in~)
-        g = lb.g.flatten(0, 2)  # (V·N·T, d_out)
-        return a.T @ a / lb.a.shape[1], g.T @ g
+        """(Σ_{i,t} ã ãᵀ / T, Σ_{i,c,t} g gᵀ) of the batch."""
+        a, w, g = self.kfac_rows(lb)
+        return gram_t(a) * w, gram_t(g)
 
     def eigen_coords(self, lb, UA, UG):
         """Per-sample gradients in the Kronecker eigenbasis, squared and summed over t:

@@ -33,8 +33,10 @@ import numpy as np
 import torch
 from sklearn.utils import check_random_state
 
+from ._blas import SymmetricSum
 from .curvature import GramCurvature, KroneckerCurvature, per_sample_jacobians
 from .curvature.matfree import GGNOperator
+from .layers import LayerBatch
 from .regularization import as_lam
 
 __all__ = ["LOOResult", "approx_loo", "LOO_METHODS"]
@@ -87,10 +89,71 @@ def _exact_blocks(md, L):
     return m * (diag_theta - corr)
 
 
-def _kfac_blocks(md, L, indices=None):
-    F = KroneckerCurvature(md, "fisher", "fisher")
-    return torch.cat([F.output_blocks(b.layers, L) for b in md.batches("jacobian",
-                                                                        indices=indices)])
+#: bytes of layer records (Jacobian output gradients and layer inputs, kept in the layers' own
+#: dtype) that ``method='kfac'`` holds from its factor pass for its block pass; batches beyond
+#: it are recomputed (one more forward and K backward vectors each), so memory stays bounded
+KFAC_CACHE_BYTES = 512 * 2 ** 20
+
+
+def _lossless(t, dtype):
+    """``dtype`` when ``t`` converts to it and back exactly (records are float64 copies of
+    tensors in the layer's dtype), else ``t.dtype``."""
+    return dtype if torch.equal(t.to(dtype).to(t.dtype), t) else t.dtype
+
+
+def _kfac_blocks(md, L):
+    r"""(m, K, K) blocks :math:`J_i (F_{\mathrm{KFAC}}+\Lambda)^{-1} J_i^\top`, plus the
+    outputs z and targets y, from one backward pass of the K unit vectors per sample.
+
+    Backpropagation is linear in the output vector, so the output gradients of the Fisher
+    vectors (columns of :math:`B_i`) are :math:`\sum_k B_i[k, c]\, g^{(k)}`, combinations of
+    the Jacobian ones :math:`g^{(k)}`: the same pass gives the Kronecker factors (as
+    ``KroneckerCurvature(md, 'fisher', 'fisher')``) and, once they are eigendecomposed, the
+    blocks, from records kept up to :data:`KFAC_CACHE_BYTES` (the rest is recomputed)."""
+    rules = md.rules
+    for r in rules:
+        if not r.kfac_capable:
+            r.unsupported("KFAC")
+    dtypes = None  # storage dtype of (inputs, output gradients) per layer, from the first batch
+    A = [SymmetricSum() for _ in rules]
+    G = [SymmetricSum() for _ in rules]
+    cache, zs, ys, used, caching = [], [], [], 0, True
+    for b in md.batches("jacobian"):
+        zs.append(b.z.cpu())
+        ys.append(b.y.cpu())
+        B = md.family.factor(b.z, b.y)  # (N, K, K')
+        for k, (r, lb) in enumerate(zip(rules, b.layers)):
+            V, N, T, d = lb.g.shape
+            gj = lb.g.reshape(V, N, T * d).transpose(0, 1)  # (N, K, T·d), a view if it can
+            gf = torch.bmm(B.transpose(1, 2), gj).view(N, -1, T, d)
+            # (N, K', T, d) rather than (K', N, T, d): the factor sums over both, no copy
+            a, w, g = r.kfac_rows(LayerBatch(lb.a, gf))
+            A[k].add(a, w)
+            G[k].add(g)
+        if caching:
+            if dtypes is None:
+                dtypes = [(_lossless(lb.a, dt), _lossless(lb.g, dt)) for lb, dt in
+                          zip(b.layers, (next(r.module.parameters()).dtype for r in rules))]
+            rec = [(lb.a.to(da), lb.g.to(dg)) for lb, (da, dg) in zip(b.layers, dtypes)]
+            size = sum(t.numel() * t.element_size() for pair in rec for t in pair)
+            if used + size <= KFAC_CACHE_BYTES:
+                cache.append(rec)
+                used += size
+            else:
+                caching = False
+        del b
+    F = KroneckerCurvature.from_factors(md, [a.value().cpu() / md.n for a in A],
+                                       [g.value().cpu() / md.n for g in G])
+
+    def blocks(layers):
+        return F.output_blocks(layers, L).cpu()
+
+    out = [blocks([LayerBatch(a.double(), g.double()) for a, g in rec]) for rec in cache]
+    done = len(cache) * md.batch_size
+    if done < md.n:
+        out += [blocks(b.layers) for b in md.batches("jacobian",
+                                                     indices=torch.arange(done, md.n))]
+    return torch.cat(out), torch.cat(zs), torch.cat(ys)
 
 
 def _cg_blocks(md, L, indices, tol, maxiter, preconditioner):
@@ -108,16 +171,22 @@ def _cg_blocks(md, L, indices, tol, maxiter, preconditioner):
 
 def approx_loo(md, lam, method: str = "exact", *, n_points: int | None = None,
                random_state=None, tol: float = 1e-8, maxiter: int = 500,
-               preconditioner: str | None = "kfac") -> LOOResult:
+               preconditioner: str | None = "kfac", memory_budget=None) -> LOOResult:
     """Approximate leave-one-out estimate of the test loss of ``md``'s network (SPEC §4a).
 
     ``md`` holds the training data (curvature samples); ``md.n_train`` is n of the objective.
     ``method``: 'exact', 'kfac' or 'subsample' (``n_points`` random points, CG against the
     full-data Fisher, KFAC-preconditioned unless ``preconditioner=None``).
+    ``memory_budget`` (bytes or '2GB'): refuse with a MemoryError, before any data pass, when
+    :func:`softrank.memory.estimate_loo_memory` says the method needs more.
     """
     md.require_labels("ApproxLOO")
     if method not in LOO_METHODS:
         raise ValueError(f"method must be one of {LOO_METHODS}; got {method!r}")
+    if memory_budget is not None:
+        from .memory import check_loo_memory
+        check_loo_memory(md, method, memory_budget, n_points=n_points,
+                         preconditioner=preconditioner)
     L = as_lam(lam, md.param_names, md.sizes)
     n = md.n_train
     diagnostics: dict = {"method": method}
@@ -132,11 +201,15 @@ def approx_loo(md, lam, method: str = "exact", *, n_points: int | None = None,
         diagnostics.update(cg_diag)
     else:
         indices = np.arange(md.n)
-        blocks = _exact_blocks(md, L) if method == "exact" else _kfac_blocks(md, L)
+        if method == "kfac":
+            blocks, z, y = _kfac_blocks(md, L)
+        else:
+            blocks = _exact_blocks(md, L)
     P = blocks / n
-    out = [b for b in md.batches(None, indices=torch.as_tensor(indices))]
-    z = torch.cat([b.z for b in out])
-    y = torch.cat([b.y for b in out])
+    if method != "kfac":
+        out = [b for b in md.batches(None, indices=torch.as_tensor(indices))]
+        z = torch.cat([b.z for b in out])
+        y = torch.cat([b.y for b in out])
     fam = md.family
     Bf = fam.factor(z, y)
     A = Bf @ Bf.transpose(1, 2)

@@ -18,6 +18,10 @@ log-det dimension  :math:`\sum_j\log(1+\sigma_j/\lambda)`  —
 
 Curvature matrices are of the mean loss over the m samples measured on; n is the number of
 samples the model was **trained** on (``ModelData.n_train``).
+
+Every measure takes ``memory_budget`` (bytes or a string such as ``"2GB"``; None: no check) and
+passes it to each :func:`~softrank.curvature.curvature` it builds, which refuses with a
+:class:`MemoryError` before any data pass when :mod:`softrank.memory` estimates more.
 """
 from __future__ import annotations
 
@@ -62,15 +66,15 @@ def _lam_repr(L):
     return L.describe()
 
 
-def traces(md) -> tuple[float, float]:
+def traces(md, *, memory_budget=None) -> tuple[float, float]:
     """Exact (Tr C, Tr F) from the diagonals (one pass each)."""
-    tr_c = curvature(md, "gsm", "diagonal").trace()
-    tr_f = curvature(md, "fisher", "diagonal").trace()
+    tr_c = curvature(md, "gsm", "diagonal", memory_budget=memory_budget).trace()
+    tr_f = curvature(md, "fisher", "diagonal", memory_budget=memory_budget).trace()
     return tr_c, tr_f
 
 
 def soft_rank(md, lam, approximation: str = "exact", matrix: str = "fisher", *,
-              F: Curvature | None = None, **kw) -> MeasureResult:
+              F: Curvature | None = None, memory_budget=None, **kw) -> MeasureResult:
     r"""Soft rank :math:`\mathrm{Tr}\,M(M+\Lambda)^{-1} = \sum_j \sigma_j/(\sigma_j+\lambda)`.
 
     For ``matrix='fisher'`` with labels, the gap estimate is
@@ -79,7 +83,8 @@ def soft_rank(md, lam, approximation: str = "exact", matrix: str = "fisher", *,
     For the Hessian, eigenvalues below zero are allowed and each contributes
     :math:`\sigma/(\sigma+\lambda)`, which is negative for :math:`-\lambda<\sigma<0`.
     """
-    M = F if F is not None else curvature(md, matrix, approximation, **kw)
+    M = F if F is not None else curvature(md, matrix, approximation,
+                                          memory_budget=memory_budget, **kw)
     L = M.lam(lam)
     value = M.soft_rank(L)
     diag = {"matrix": matrix, "n_curvature_samples": md.n}
@@ -88,7 +93,7 @@ def soft_rank(md, lam, approximation: str = "exact", matrix: str = "fisher", *,
     if matrix == "fisher":
         diag["calibrated_gap"] = value / md.n_train
         if md.y is not None and md.family.is_fisher:
-            tr_c, tr_f = traces(md)
+            tr_c, tr_f = traces(md, memory_budget=memory_budget)
             alpha = tr_c / tr_f
             diag.update(trace_C=tr_c, trace_F=tr_f, alpha=alpha)
             gap = alpha * value / md.n_train
@@ -103,7 +108,8 @@ def soft_rank_gap(md, lam, approximation: str = "exact", **kw) -> MeasureResult:
 
 
 def tic(md, lam, approximation: str = "exact", variant: str = "fisher", *,
-        centered: bool = False, max_params: int = DEFAULT_MAX_PARAMS, **kw) -> MeasureResult:
+        centered: bool = False, max_params: int = DEFAULT_MAX_PARAMS, memory_budget=None,
+        **kw) -> MeasureResult:
     r"""Regularized TIC :math:`\mathrm{Tr}\,C(M+\Lambda)^{-1}`, M = F (``variant='fisher'``) or
     H (``'hessian'``); gap estimate value / n. ``centered`` uses :math:`C-\bar g\bar g^\top`."""
     md.require_labels("the TIC")
@@ -113,7 +119,13 @@ def tic(md, lam, approximation: str = "exact", variant: str = "fisher", *,
     if variant == "hessian" and approximation not in ("exact", "dense", "matrix_free"):
         raise ValueError("TIC(variant='hessian') needs the Hessian: approximation='dense' "
                          f"(small p) or 'matrix_free'; got approximation={approximation!r}")
-    M = curvature(md, matrix, approximation, max_params=max_params, **kw)
+    dense = approximation == "dense" or (approximation == "exact" and (
+        md.n_params <= max_params or matrix == "hessian"))
+    if memory_budget is not None and dense:  # C (dense too) is checked before M is computed
+        from .memory import check_memory
+        check_memory(md, "dense", "gsm", memory_budget, max_params=max_params)
+    M = curvature(md, matrix, approximation, max_params=max_params, memory_budget=memory_budget,
+                  **kw)
     L = M.lam(lam)
     diag = {"variant": variant, "centered": centered}
     if variant == "hessian" and not M.is_positive_definite_with(L):
@@ -121,7 +133,8 @@ def tic(md, lam, approximation: str = "exact", variant: str = "fisher", *,
                       "is unreliable (use variant='fisher')", IndefiniteWarning, stacklevel=2)
         diag["indefinite"] = True
     if isinstance(M, DenseCurvature):
-        C = curvature(md, "gsm", "dense", centered=centered, max_params=max_params)
+        C = curvature(md, "gsm", "dense", centered=centered, max_params=max_params,
+                      memory_budget=memory_budget)
         value = float(torch.linalg.solve(M.M + torch.diag(L.vector), C.M).trace())
     else:
         value = M.tic_sum(md.rules, md.batches("residual"), L) / md.n
@@ -148,12 +161,12 @@ def _add_error_bar(diag: dict, M, scale: float = 1.0) -> None:
         diag.update(stderr=est.stderr * scale, n_matvec=est.n_matvec, converged=est.converged)
 
 
-def trace_ratio(md) -> MeasureResult:
+def trace_ratio(md, *, memory_budget=None) -> MeasureResult:
     r""":math:`\alpha = \mathrm{Tr}\,C/\mathrm{Tr}\,F` (exact traces); gap estimate α/n.
     α > 1: over-confident, α < 1: under-confident, α = 1 when calibrated."""
     md.require_labels("the trace ratio")
     md.require_fisher("the trace ratio")
-    tr_c, tr_f = traces(md)
+    tr_c, tr_f = traces(md, memory_budget=memory_budget)
     value = tr_c / tr_f
     return MeasureResult("trace_ratio", value, value / md.n_train, md.n_train, None, "exact",
                          {"trace_C": tr_c, "trace_F": tr_f})

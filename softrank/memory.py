@@ -23,6 +23,26 @@ matrix_free     Lanczos basis :math:`8\,\text{steps}\cdot p\cdot m` + :math:`6\c
                 tangents :math:`3Bams` (m = probes per block)
 ==============  ==================================================================  ==========
 
+ApproxLOO (:func:`estimate_loo_memory`; m points, K' = K columns of the loss factor
+:math:`B_i`, :math:`c` = ``loo.KFAC_CACHE_BYTES``):
+
+==============  ==================================================================  ==========
+method          main terms                                                          grows with
+==============  ==================================================================  ==========
+exact           :math:`8(nK)^2` (NTK kernel Θ) + :math:`8(nK')^2` (Cholesky of       n², n
+                I + BᵀΘB) + :math:`8\,nK'\cdot nK` (Woodbury products BᵀΘ, solve)
+                + the recorded layer inputs / Jacobian output gradients of all n
+kfac            Kronecker factors (as kfac) + cached layer records                  layers, n
+                :math:`\min(c, n\sum_l T_l(\tilde d_l + Kd_l)s)` + one batch of
+                records + the per-point blocks
+subsample       per-sample Jacobians :math:`mKp(8+s)` + CG vectors                   m·p
+                :math:`7\cdot 8p\cdot mK` + GGN products on mK columns (as
+                matrix_free with mK probes) + the KFAC preconditioner
+==============  ==================================================================  ==========
+
+Every method also holds the per-point :math:`K\times K` blocks (P, A, AP and their
+temporaries, :math:`8\cdot 8nK^2`), linear in n: ``kfac`` grows beyond its cache only by them.
+
 "one batch of layer records" is :math:`8B\sum_l T_l(\tilde d_l + V d_l)` plus the autograd
 graph :math:`2Bas(1+V)`; none of kfac, diagonal or matrix_free depends on n (they stream).
 Estimates are within a small factor of the measured peak (allocator slack, temporaries), meant
@@ -40,9 +60,10 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["MemoryEstimate", "estimate_memory", "check_memory", "parse_bytes",
-           "MEMORY_APPROXIMATIONS"]
+           "estimate_loo_memory", "check_loo_memory", "MEMORY_APPROXIMATIONS", "LOO_MEMORY_METHODS"]
 
 MEMORY_APPROXIMATIONS = ("dense", "gram", "diagonal", "kfac", "ekfac", "matrix_free")
+LOO_MEMORY_METHODS = ("exact", "kfac", "subsample")
 F64 = 8
 _UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
           "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
@@ -209,6 +230,12 @@ def estimate_memory(md, approximation: str = "exact", matrix: str = "fisher", *,
     return MemoryEstimate(approximation, matrix, int(sum(parts.values())), parts)
 
 
+def _refuse(what: str, est: MemoryEstimate, budget: int, fits: list, hint: str):
+    fits_txt = ("; within budget: " + ", ".join(fits)) if fits else hint
+    raise MemoryError(f"{what} needs about {_fmt(est.total)} ({est}), above "
+                      f"memory_budget={_fmt(budget)}{fits_txt}. Nothing was computed.")
+
+
 def check_memory(md, approximation: str, matrix: str, memory_budget, **options) -> MemoryEstimate:
     """Raise :class:`MemoryError` (before any data pass) when the estimate of
     ``approximation`` exceeds ``memory_budget``; return the estimate otherwise."""
@@ -227,8 +254,73 @@ def check_memory(md, approximation: str, matrix: str, memory_budget, **options) 
             continue
         if o.total <= budget:
             fits.append(f"{other} (~{_fmt(o.total)})")
-    hint = ("; within budget: " + ", ".join(fits)) if fits else \
-        "; no approximation fits: reduce batch_size, n_probes/lanczos_steps or block_size"
-    raise MemoryError(f"approximation={est.approximation!r} for matrix={matrix!r} needs about "
-                      f"{_fmt(est.total)} ({est}), above memory_budget={_fmt(budget)}{hint}. "
-                      "Nothing was computed.")
+    _refuse(f"approximation={est.approximation!r} for matrix={matrix!r}", est, budget, fits,
+            "; no approximation fits: reduce batch_size, n_probes/lanczos_steps or block_size")
+
+
+# -- approximate leave-one-out (softrank.loo.approx_loo) ------------------------------------------
+def _point_blocks(m: int, K: int) -> int:
+    """The per-point K×K blocks of approx_loo (blocks, P, A, AP, B and temporaries): 8 of them."""
+    return 8 * F64 * m * K * K
+
+
+def estimate_loo_memory(md, method: str = "exact", *, n_points: int | None = None,
+                        preconditioner="kfac", **_) -> MemoryEstimate:
+    """Working memory of ``approx_loo(md, lam, method, ...)`` (see the module's second table):
+    a :class:`MemoryEstimate` with ``approximation=method`` and ``matrix='approx_loo'``."""
+    if method not in LOO_MEMORY_METHODS:
+        raise ValueError(f"no memory model for ApproxLOO method={method!r}; "
+                         f"known: {LOO_MEMORY_METHODS}")
+    from .loo import KFAC_CACHE_BYTES  # read at call time (tests may lower it)
+    L = _layout(md)
+    n, p, B, K = L.n, L.p, L.B, L.K
+    Kp = K  # columns of the loss factor B_i: K for every family of the table
+    if method == "exact":
+        parts = {  # Θ is freed before the Cholesky: the peak is about the larger of the two
+                   # phases, kernel + BᵀΘ or Cholesky + BᵀΘ + its solve; summed here
+                 "NTK kernel (nK)²": F64 * (n * K) ** 2,
+                 "Cholesky of I + BᵀΘB (nK')²": F64 * (n * Kp) ** 2,
+                 "Woodbury products BᵀΘ and its solve": F64 * (n * Kp) * (n * K),
+                 "recorded layer inputs/gradients (all n)": _batch_records(L, K, n),
+                 "autograd graph (one batch)": _graph(L, K),
+                 "per-point K×K blocks": _point_blocks(n, K)}
+    elif method == "kfac":
+        cached = _batch_records(L, K, n) * L.s // F64  # records in the layers' dtype
+        parts = {"Kronecker factors and eigenbases": _kronecker_factors(L, False),
+                 "cached layer records (up to loo.KFAC_CACHE_BYTES)": min(KFAC_CACHE_BYTES,
+                                                                           cached),
+                 # Jacobian output gradients (K per sample) and their Fisher combinations (K')
+                 "layer records (one batch)": _batch_records(L, K + Kp, B),
+                 "autograd graph (one batch)": _graph(L, K),
+                 "per-point K×K blocks": _point_blocks(n, K)}
+    else:
+        m = n if n_points is None else min(int(n_points), n)
+        cols = m * K  # right-hand sides of the CG solve
+        parts = {"per-sample Jacobians of the m points": m * K * p * (F64 + L.s),
+                 # right-hand side, solution, residual, preconditioned residual, direction,
+                 # product and one temporary, each p × mK
+                 "CG vectors": 7 * F64 * p * cols,
+                 "GGN product buffers (jvp/vjp, mK columns)": cols * p * (2 * F64 + L.s * (
+                     2 + L.tensors)) + 3 * B * L.act * cols * L.s,
+                 "per-point K×K blocks": _point_blocks(m, K)}
+        if preconditioner == "kfac":
+            parts["KFAC preconditioner"] = estimate_memory(md, "kfac", "fisher").total
+    return MemoryEstimate(method, "approx_loo", int(sum(parts.values())), parts)
+
+
+def check_loo_memory(md, method: str, memory_budget, **options) -> MemoryEstimate:
+    """Raise :class:`MemoryError` (before any data pass) when the estimate of
+    ``approx_loo(md, lam, method, ...)`` exceeds ``memory_budget``; return it otherwise."""
+    budget = parse_bytes(memory_budget)
+    est = estimate_loo_memory(md, method, **options)
+    if est.total <= budget:
+        return est
+    fits = []
+    for other in LOO_MEMORY_METHODS:
+        if other != method:
+            o = estimate_loo_memory(md, other, **options)
+            if o.total <= budget:
+                fits.append(f"method={other!r} (~{_fmt(o.total)})")
+    _refuse(f"ApproxLOO(method={method!r})", est, budget, fits,
+            "; no method fits: reduce batch_size or n_points (method='subsample'), or "
+            "subsample with n_curvature_samples")

@@ -4,10 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from softrank.curvature import curvature
+from softrank import loo as loo_module
+from softrank.curvature import KroneckerCurvature, curvature
 from softrank.loo import approx_loo
 from softrank.measures import tic
 from softrank.model import ModelData
+from softrank.regularization import as_lam
+
+from .cases import KRONECKER_CASE_IDS, build_case
 
 
 
@@ -195,3 +199,43 @@ def test_model_untouched_and_errors():
         approx_loo(md, 0.1, "subsample", n_points=10_000)
     with pytest.raises(ValueError, match="needs labels"):
         approx_loo(ModelData(net, nn.CrossEntropyLoss(), X), 0.1)
+
+
+def _two_pass_kfac_blocks(md, L):
+    """The former method='kfac' path: KFAC factors from the Fisher vectors, then a second pass
+    of Jacobian vectors through ``output_blocks``."""
+    F = KroneckerCurvature(md, "fisher", "fisher")
+    return torch.cat([F.output_blocks(b.layers, L) for b in md.batches("jacobian")])
+
+
+@pytest.mark.parametrize("cache", ["all", "part", "none"])
+@pytest.mark.parametrize("case_id", KRONECKER_CASE_IDS)
+def test_kfac_one_pass_matches_two_passes(case_id, cache, monkeypatch):
+    """Fisher output gradients as combinations of the Jacobian ones (one backward pass), with
+    the layer records cached for all, some or none of the batches: same blocks, same outputs."""
+    md = build_case(case_id).model_data()
+    L = as_lam(0.05, md.param_names, md.sizes)
+    if cache != "all":
+        first = next(md.batches("jacobian"))
+        one = sum((lb.a.numel() + lb.g.numel()) * 8 for lb in first.layers)
+        monkeypatch.setattr(loo_module, "KFAC_CACHE_BYTES", one if cache == "part" else 0)
+    blocks, z, y = loo_module._kfac_blocks(md, L)
+    ref = _two_pass_kfac_blocks(md, L)
+    assert blocks.shape == ref.shape == (md.n, md.n_outputs, md.n_outputs)
+    scale = float(ref.abs().max())
+    np.testing.assert_allclose(blocks.numpy(), ref.numpy(), rtol=1e-10, atol=1e-12 * scale)
+    out = list(md.batches(None))
+    np.testing.assert_allclose(z.numpy(), torch.cat([b.z for b in out]).numpy(), rtol=1e-12)
+    assert torch.equal(y, torch.cat([b.y for b in out]))
+
+
+def test_kfac_from_factors_matches_constructor():
+    md = build_case("cnn-ce").model_data()
+    F = KroneckerCurvature(md, "fisher", "fisher")
+    G = KroneckerCurvature.from_factors(md, F.A, F.G)
+    assert G.soft_rank(0.05) == pytest.approx(F.soft_rank(0.05), rel=1e-12)
+    for e1, e2 in zip(F.E, G.E):
+        np.testing.assert_allclose(e2.numpy(), e1.numpy(), rtol=1e-9,
+                                   atol=1e-12 * float(e1.max()))
+    v = torch.randn(md.n_params)
+    np.testing.assert_allclose(G.solve(v, 0.05).numpy(), F.solve(v, 0.05).numpy(), rtol=1e-9)

@@ -1,13 +1,15 @@
 """Memory estimates (softrank.memory) and the guard that refuses before computing."""
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from softrank import ModelData, curvature, measures
-from softrank.memory import (MEMORY_APPROXIMATIONS, check_memory, estimate_memory,
-                             parse_bytes)
+from softrank import ModelData, approx_loo, curvature, measures
+from softrank.memory import (MEMORY_APPROXIMATIONS, MemoryEstimate, check_loo_memory,
+                             check_memory, estimate_loo_memory, estimate_memory, parse_bytes)
 
 from .cases import build_case
 
@@ -105,3 +107,176 @@ def test_parse_bytes(text, expected):
 def test_parse_bytes_rejects_nonsense():
     with pytest.raises(ValueError, match="memory_budget"):
         parse_bytes("lots")
+
+
+# -- the estimators: memory_budget and estimate_memory ---------------------------------------------
+def _estimators():
+    from softrank import TIC, ApproxLOO, HessianNorm, SoftRankFIM, TraceRatio
+    return [(SoftRankFIM, {}, "dense"), (SoftRankFIM, {"approximation": "kfac"}, "kfac"),
+            (TIC, {}, "dense"), (TraceRatio, {}, "diagonal"), (HessianNorm, {}, "dense"),
+            (ApproxLOO, {}, "method='exact'"), (ApproxLOO, {"method": "kfac"}, "method='kfac'"),
+            (ApproxLOO, {"method": "subsample", "n_points": 10}, "method='subsample'")]
+
+
+ESTIMATORS = _estimators()
+IDS = [f"{cls.__name__}-{'-'.join(map(str, kw.values())) or 'default'}"
+       for cls, kw, _ in ESTIMATORS]
+
+
+@pytest.fixture(scope="module")
+def fitted_net():
+    from .test_estimators import classifier, teacher_data
+    X, y = teacher_data()
+    return classifier(wd=1e-2).fit(X, y), X, y
+
+
+@pytest.fixture
+def batch_counter(monkeypatch):
+    """Counts the batches ModelData streams (every data pass: losses, curvatures)."""
+    count = {"batches": 0}
+    original = ModelData.batches
+
+    def batches(self, *args, **kwargs):
+        for b in original(self, *args, **kwargs):
+            count["batches"] += 1
+            yield b
+    monkeypatch.setattr(ModelData, "batches", batches)
+    return count
+
+
+@pytest.mark.parametrize("cls,kw,names", ESTIMATORS, ids=IDS)
+def test_estimator_refuses_a_tiny_budget_before_any_data_pass(fitted_net, batch_counter, cls,
+                                                              kw, names):
+    net, X, y = fitted_net
+    with pytest.raises(MemoryError) as info:
+        cls(net, memory_budget=1000, **kw).fit(X, y)
+    msg = str(info.value)
+    assert msg.startswith(cls.__name__) and names in msg
+    assert "memory_budget=1000 B" in msg and "Nothing was computed" in msg
+    assert batch_counter["batches"] == 0
+
+
+@pytest.mark.parametrize("cls,kw,names", ESTIMATORS, ids=IDS)
+def test_a_large_budget_changes_nothing(fitted_net, cls, kw, names):
+    net, X, y = fitted_net
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # KFAC-LOO's invalid-points warning
+        plain = cls(net, random_state=0, **kw).fit(X, y)
+        budgeted = cls(net, random_state=0, memory_budget="1GB", **kw).fit(X, y)
+    assert budgeted.measure_ == plain.measure_
+    assert budgeted.gap_ == plain.gap_ and budgeted.stderr_ == plain.stderr_
+
+
+@pytest.mark.parametrize("cls,kw,names", ESTIMATORS, ids=IDS)
+def test_estimate_memory_lists_what_fit_checks(fitted_net, batch_counter, cls, kw, names):
+    net, X, y = fitted_net
+    est = cls(net, **kw)
+    estimates = est.estimate_memory(X)
+    assert batch_counter["batches"] == 0 and not hasattr(est, "n_features_in_")
+    assert estimates and all(isinstance(e, MemoryEstimate) for e in estimates)
+    for e in estimates:
+        assert e.total > 0 and e.total == sum(e.breakdown.values())
+        assert all(isinstance(k, str) and v >= 0 for k, v in e.breakdown.items())
+    # fit checks exactly these: a budget just below the largest refuses, at it passes the check
+    need = max(e.total for e in estimates)
+    with pytest.raises(MemoryError):
+        cls(net, memory_budget=need - 1, **kw).fit(X, y)
+    assert cls(net, **kw).estimate_memory(X, y) == estimates  # y only checked
+
+
+def test_estimate_memory_follows_the_fit_configuration(fitted_net):
+    from softrank import ApproxLOO, SoftRankFIM, TIC
+    net, X, y = fitted_net
+    fim = SoftRankFIM(net).estimate_memory(X)
+    assert [(e.approximation, e.matrix) for e in fim] == [
+        ("dense", "fisher"), ("diagonal", "gsm"), ("diagonal", "fisher")]
+    # TIC with a dense M also builds the dense C; with KFAC it streams C
+    assert [e.matrix for e in TIC(net).estimate_memory(X)] == ["fisher", "gsm"]
+    assert [e.approximation for e in TIC(net, approximation="kfac").estimate_memory(X)] == ["kfac"]
+    # n_curvature_samples: the estimate is of the subsample
+    full = ApproxLOO(net).estimate_memory(X)[0]
+    sub = ApproxLOO(net, n_curvature_samples=20).estimate_memory(X)[0]
+    assert full.breakdown["NTK kernel (nK)²"] == 8 * (60 * 3) ** 2
+    assert sub.breakdown["NTK kernel (nK)²"] == 8 * (20 * 3) ** 2
+
+
+def test_estimate_memory_needs_a_fitted_net(fitted_net):
+    from sklearn.exceptions import NotFittedError
+
+    from softrank import SoftRankFIM
+
+    from .test_estimators import classifier
+    _, X, y = fitted_net
+    est = SoftRankFIM(classifier(max_epochs=2))
+    with pytest.raises(NotFittedError, match="fit the net first"):
+        est.estimate_memory(X)
+    est.fit(X, y)  # after fit: the fitted clone (estimator_) is used
+    assert est.estimate_memory(X)[0].approximation == "dense"
+
+
+def test_clone_and_get_params_keep_memory_budget(fitted_net):
+    from sklearn.base import clone
+
+    from softrank import TIC, ApproxLOO, HessianNorm, SoftRankFIM, TraceRatio
+    net, X, y = fitted_net
+    for cls in (SoftRankFIM, TIC, TraceRatio, HessianNorm, ApproxLOO):
+        est = cls(net, memory_budget="2GB")
+        assert est.get_params()["memory_budget"] == "2GB"
+        assert clone(est).memory_budget == "2GB"
+        assert cls(net).memory_budget is None
+        assert est.set_params(memory_budget=123).memory_budget == 123
+
+
+@pytest.mark.parametrize("bad", ["lots", 0, -5, True])
+def test_bad_memory_budget_is_a_clear_error(fitted_net, bad):
+    from softrank import SoftRankFIM
+    net, X, y = fitted_net
+    with pytest.raises(ValueError, match="memory_budget"):
+        SoftRankFIM(net, memory_budget=bad).fit(X, y)
+
+
+# -- approx_loo's memory model ---------------------------------------------------------------------
+def test_loo_exact_grows_quadratically_with_n():
+    small, large = mlp_data(64), mlp_data(6400)
+    a, b = estimate_loo_memory(small, "exact"), estimate_loo_memory(large, "exact")
+    for md, e in ((small, a), (large, b)):
+        nK = md.n * 5
+        assert e.breakdown["NTK kernel (nK)²"] == 8 * nK ** 2
+        assert e.breakdown["Cholesky of I + BᵀΘB (nK')²"] == 8 * nK ** 2
+    assert b.total > 5000 * a.total  # 100× the samples: ~10⁴× the memory
+
+
+def test_loo_kfac_does_not_grow_beyond_its_cache(monkeypatch):
+    import softrank.loo
+    monkeypatch.setattr(softrank.loo, "KFAC_CACHE_BYTES", 20_000)
+    tiny, small, large = mlp_data(4), mlp_data(64), mlp_data(6400)
+    a = estimate_loo_memory(tiny, "kfac")
+    cache = "cached layer records (up to loo.KFAC_CACHE_BYTES)"
+    assert 0 < a.breakdown[cache] < 20_000  # 4 samples fit in the cache
+    b, c = estimate_loo_memory(small, "kfac"), estimate_loo_memory(large, "kfac")
+    assert b.breakdown[cache] == c.breakdown[cache] == 20_000
+    # beyond the cache only the per-point K×K blocks grow (linearly)
+    blocks = "per-point K×K blocks"
+    assert c.breakdown[blocks] == 100 * b.breakdown[blocks]
+    assert c.total - c.breakdown[blocks] == b.total - b.breakdown[blocks]
+    assert estimate_loo_memory(large, "exact").total > 100 * c.total
+
+
+def test_loo_subsample_scales_with_the_points():
+    md = mlp_data(200)
+    a = estimate_loo_memory(md, "subsample", n_points=10)
+    b = estimate_loo_memory(md, "subsample", n_points=40)
+    assert b.breakdown["CG vectors"] == 4 * a.breakdown["CG vectors"] == 4 * 7 * 8 * md.n_params * 50
+    assert b.breakdown["per-sample Jacobians of the m points"] == 40 * 5 * md.n_params * (8 + 4)
+    assert "KFAC preconditioner" not in estimate_loo_memory(md, "subsample", preconditioner=None
+                                                            ).breakdown
+
+
+def test_approx_loo_guard_names_the_methods_that_fit(batch_counter):
+    md = mlp_data(400, hidden=8)
+    kfac = estimate_loo_memory(md, "kfac").total
+    with pytest.raises(MemoryError, match=r"ApproxLOO\(method='exact'\).*within budget: "
+                                          r"method='kfac'.*Nothing was computed"):
+        approx_loo(md, 0.1, "exact", memory_budget=kfac)
+    assert batch_counter["batches"] == 0
+    assert check_loo_memory(md, "kfac", kfac).total == kfac

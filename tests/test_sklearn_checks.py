@@ -16,7 +16,7 @@ from skorch import NeuralNetClassifier, NeuralNetRegressor
 from sklearn.utils.estimator_checks import parametrize_with_checks
 from torch import nn
 
-from softrank import HessianNorm, SoftRankFIM, TIC, TraceRatio
+from softrank import TIC, ApproxLOO, HessianNorm, SoftRankFIM, TraceRatio
 from softrank.demo import MLP
 
 
@@ -67,6 +67,7 @@ ESTIMATORS = [
     TIC(tiny(), random_state=0),
     TraceRatio(tiny(), random_state=0),
     HessianNorm(tiny(), random_state=0),
+    ApproxLOO(tiny(), random_state=0),
 ]
 
 EXPECTED_FAILURES = {

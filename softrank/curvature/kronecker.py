@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from .._blas import SymmetricSum
 from .base import Curvature
 
 __all__ = ["KroneckerCurvature"]
@@ -40,15 +41,15 @@ class KroneckerCurvature(Curvature):
         for r in self.rules:
             if not r.kfac_capable:
                 r.unsupported(self.approximation.upper())
-        A = [0.0] * len(self.rules)
-        G = [0.0] * len(self.rules)
+        A = [SymmetricSum() for _ in self.rules]
+        G = [SymmetricSum() for _ in self.rules]
         for b in md.batches(vectors, generator, mc_samples):
             for k, (r, lb) in enumerate(zip(self.rules, b.layers)):
-                a_sum, g_sum = r.kfac_sums(lb)
-                A[k] = A[k] + a_sum.cpu()
-                G[k] = G[k] + g_sum.cpu()
-        self.A = [a / md.n for a in A]
-        self.G = [g / md.n for g in G]
+                a, w, g = r.kfac_rows(lb)
+                A[k].add(a, w)
+                G[k].add(g)
+        self.A = [a.value().cpu() / md.n for a in A]
+        self.G = [g.value().cpu() / md.n for g in G]
         self._UA = self._UG = None  # eigenvectors: computed on first use (soft rank needs none)
         if ekfac:
             S = [torch.zeros(len(g), len(a), dtype=torch.float64) for a, g in zip(self.A, self.G)]
@@ -60,6 +61,23 @@ class KroneckerCurvature(Curvature):
             self.E = [torch.outer(torch.linalg.eigvalsh(g).clamp_min(0),
                                   torch.linalg.eigvalsh(a).clamp_min(0))
                       for a, g in zip(self.A, self.G)]
+
+    @classmethod
+    def from_factors(cls, md, A, G, matrix="fisher"):
+        """KFAC from factors ``A``, ``G`` (per layer, already divided by n) computed elsewhere,
+        e.g. in a pass that also needs the layer records for something else. One ``eigh`` per
+        factor gives both the eigenvalues and the eigenbasis (no second decomposition)."""
+        self = cls.__new__(cls)
+        Curvature.__init__(self, md.param_names, md.sizes, md.n)
+        self.matrix, self.approximation, self.rules = matrix, "kfac", md.rules
+        for r in self.rules:
+            if not r.kfac_capable:
+                r.unsupported("KFAC")
+        self.A, self.G = list(A), list(G)
+        ea, self._UA = map(list, zip(*(torch.linalg.eigh(a) for a in self.A)))
+        eg, self._UG = map(list, zip(*(torch.linalg.eigh(g) for g in self.G)))
+        self.E = [torch.outer(g.clamp_min(0), a.clamp_min(0)) for a, g in zip(ea, eg)]
+        return self
 
     @property
     def UA(self) -> list[torch.Tensor]:
@@ -166,8 +184,8 @@ class KroneckerCurvature(Curvature):
             W = (1.0 / (self.E[k] + lams[k])).to(dev)
             x, y = r.eigen_coords(lb, self.UA[k].to(dev), self.UG[k].to(dev))
             if y is not None:  # x: (V, N, d_out), y: (N, d_in~)
-                u = (y ** 2) @ W.T  # (N, d_out)
-                out = out + torch.einsum("cnj,dnj,nj->ncd", x, x, u)
-            else:
-                out = out + torch.einsum("cnjk,dnjk,jk->ncd", x, x, W)
+                xw = x * ((y ** 2) @ W.T)
+            else:  # x: (V, N, d_out, d_in~)
+                xw, x = (x * W).flatten(2), x.flatten(2)
+            out = out + torch.bmm(xw.transpose(0, 1), x.permute(1, 2, 0))  # (N, V, V)
         return out

@@ -1,0 +1,47 @@
+"""softrank._blas: xᵀx summed by upper block rows equals the float64 matrix product."""
+import pytest
+import torch
+
+from softrank._blas import SymmetricSum, gram_t
+
+
+@pytest.mark.parametrize("shape", [(3, 2), (257, 65), (40, 256), (300, 785), (7, 1100)])
+def test_gram_t_equals_the_matrix_product_and_is_exactly_symmetric(shape):
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = gram_t(x)
+    want = x.T @ x
+    assert got.dtype == torch.float64 and got.shape == (shape[1], shape[1])
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+    assert torch.equal(got, got.T)
+
+
+def test_gram_t_takes_non_contiguous_views_and_leaves_the_input_alone():
+    base = torch.randn(400, 300, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = base[:, ::2]
+    before = base.clone()
+    assert torch.allclose(gram_t(x), x.T @ x, rtol=1e-12, atol=1e-9)
+    assert torch.equal(base, before)
+
+
+def test_gram_t_refuses_float32():
+    with pytest.raises(TypeError, match="float64"):
+        gram_t(torch.randn(4, 3))
+    with pytest.raises(TypeError, match="float64"):
+        SymmetricSum().add(torch.randn(4, 300))
+
+
+def test_symmetric_sum_accumulates_weighted_batches():
+    gen = torch.Generator().manual_seed(2)
+    xs = [torch.randn(n, 520, dtype=torch.float64, generator=gen) for n in (5, 300, 1)]
+    s = SymmetricSum()
+    for k, x in enumerate(xs):
+        s.add(x, 0.5 * (k + 1))
+    want = sum(0.5 * (k + 1) * x.T @ x for k, x in enumerate(xs))
+    got = s.value()
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()))
+    assert torch.equal(got, got.T)
+
+
+def test_symmetric_sum_value_before_add_is_an_error():
+    with pytest.raises(ValueError, match="before any add"):
+        SymmetricSum().value()
