@@ -185,6 +185,18 @@ def peak_rss_bytes() -> int:
     return ru if sys.platform == "darwin" else ru * 1024
 
 
+def reset_peak_rss() -> bool:
+    """Reset this process's VmHWM to its current RSS (Linux: ``/proc/self/clear_refs``), so that
+    a later :func:`peak_rss_bytes` measures from now on and not the transients of, e.g., data
+    loading before it; False where that is not possible (the peak then includes them)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def device_peak_bytes(device: str) -> int | None:
     return torch.cuda.max_memory_allocated() if device == "cuda" else None
 

@@ -11,8 +11,8 @@ MNIST training images with Adam and weight decay ``--weight-decay``:
 2. **Hessian spectral norm** by Lanczos (10, 20, 30 Hessian-vector products) against ARPACK
    (``scipy.sparse.linalg.eigsh`` on the same products, tol 1e-10). Target: within 1% in ≤ 30.
 3. **Memory**: :func:`softrank.memory.estimate_memory` against the measured peak RSS (own
-   process; RSS after loading the data subtracted) for diagonal, KFAC and matrix-free on
-   ``--memory-n`` images — none of them grows with n.
+   process; the peak counted from after loading the data, whose RSS is subtracted) for
+   diagonal, KFAC and matrix-free on ``--memory-n`` images — none of them grows with n.
 
     python benchmarks/bench_matfree.py                  # the configuration
     python benchmarks/bench_matfree.py --quick          # smoke test (n = 300)
@@ -55,6 +55,7 @@ def parse_args(argv=None):
     p.add_argument("--memory-n", type=int, nargs="+", default=[10_000, 60_000])
     p.add_argument("--quick", action="store_true", help="--n 300, small budgets, --memory-n 2000")
     p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--memory-only", action="store_true", help="only the memory table")
     p.add_argument("--worker", choices=("memory",), help=argparse.SUPPRESS)
     p.add_argument("--state", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--approximation", help=argparse.SUPPRESS)
@@ -169,10 +170,11 @@ def worker_memory(args):
     model = C.mlp()
     model.load_state_dict(torch.load(args.state))
     X, y = C.load_mnist(args.data, args.memory_n[0])
+    C.reset_peak_rss()  # the peak from here on: not the transients of loading the data
+    before = C.rss_bytes()
     md = model_data(model.to(args.device), X, y, args)
     kw = {"n_probes": 4, "lanczos_steps": 3} if args.approximation == "matrix_free" else {}
     est = estimate_memory(md, args.approximation, "fisher", **kw)
-    before = C.rss_bytes()
     t, value = C.timed(lambda: run_approximation(md, args.approximation, args.weight_decay),
                        args.device)
     C.emit({"seconds": t, "value": value, "rss_before_bytes": before, "estimate": est.total})
@@ -211,8 +213,9 @@ def main(argv=None):
           f"torch {torch.__version__}, {args.threads} threads, device {args.device}\n")
     md = model_data(model, X, y, args)
     budgets = ((2, 10), (4, 25)) if args.quick else BUDGETS
-    report_slq(md, args, budgets)
-    report_spectral(md, args)
+    if not args.memory_only:
+        report_slq(md, args, budgets)
+        report_spectral(md, args)
     if not args.skip_memory:
         with tempfile.TemporaryDirectory() as tmp:
             state = Path(tmp) / "mlp.pt"

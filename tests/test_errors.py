@@ -212,3 +212,17 @@ def test_weight_sharing_is_refused_by_layerwise_approximations():
     md = ModelData(model, nn.MSELoss(), X, torch.zeros(4, 3, dtype=torch.float64))
     with pytest.raises(UnsupportedLayerError, match="ran 2 times"):
         curvature(md, "fisher", "kfac")
+
+
+def test_the_finiteness_check_sees_every_block():
+    """X is checked for NaN/inf in blocks of rows (bounded temporaries): a bad value in the
+    last block, or in a non-contiguous view, is still found."""
+    from softrank.model import _all_finite
+    t = torch.zeros(50, 7)
+    assert _all_finite(t, chunk=10)
+    t[49, 6] = float("nan")
+    assert not _all_finite(t, chunk=10)
+    assert not _all_finite(t.T, chunk=10)
+    t[49, 6] = float("-inf")
+    assert not _all_finite(t[::7], chunk=3)
+    assert _all_finite(torch.zeros(0, 3)) and not _all_finite(torch.tensor(float("inf")))
