@@ -8,8 +8,9 @@ From one run, on an MLP 784-512-512-10 (float32) briefly trained with Adam + wei
    sample) and for the sampled G (``matrix='fisher_mc'``, one vector per sample).
    Targets: ≤ 5 (exact), ≤ 1.5 (sampled).
 2. Exact Gram soft rank (``approximation='gram'``) on the first ``--n`` images: wall time
-   (target ≤ 60 s for n = 1,000, i.e. nK = 10,000) and peak RSS (target ≤ 4 GB), next to the
-   memory that materializing S (nK × p float64) would need.
+   (target ≤ 60 s for n = 1,000, i.e. nK = 10,000; the kernel has nK' = n(K−1) = 9,000 rows
+   because the softmax A_i has rank K−1) and peak RSS (target ≤ 4 GB), next to the memory that
+   materializing S (nK' × p float64) would need.
 
 Every configuration runs in a subprocess of its own (``--worker``) so that its peak memory is
 its own. ``--profile`` adds profiles (torch.profiler operator table and cProfile of softrank
@@ -215,7 +216,8 @@ def report_kfac(args, state):
 
 def report_gram(args, state, p):
     r = C.run_worker(SCRIPT, _forward(args, state, worker="gram"), args.threads)
-    K = 10  # MNIST classes: rows per sample of S
+    from softrank.families import Categorical
+    K = Categorical().factor(torch.zeros(1, 10)).shape[2]  # rows per sample of S: K − 1 = 9
     s_bytes = args.n * K * p * 8
     kernel_bytes = (args.n * K) ** 2 * 8
     peak = r["peak_rss_bytes"]
@@ -226,9 +228,9 @@ def report_gram(args, state, p):
              C.gib(kernel_bytes),
              f"{C.gib(s_bytes)} ({s_bytes / 1e9:.1f} GB)"]]
     print("\n## Exact Gram soft rank (`approximation='gram'`), separate process\n")
-    print(C.table(rows, ["n", "nK", "soft rank", "wall s", "CPU s", "peak RSS",
-                         "peak − RSS before",
-                         "one nK×nK float64", "materializing S (nK·p·8 B)"]))
+    print(C.table(rows, ["n", "kernel rows nK'", "soft rank", "wall s", "CPU s", "peak RSS",
+                         "peak − RSS before", "one nK'×nK' float64",
+                         "materializing S (nK'·p·8 B)"]))
     if r.get("device_peak_bytes"):
         print(f"\nCUDA peak allocated: {C.gib(r['device_peak_bytes'])}")
     if args.n == 1000:

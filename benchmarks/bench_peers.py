@@ -17,12 +17,14 @@ decay λ, over the first ``--n`` MNIST training images:
 3. **Peak memory** of the KFAC soft rank over all 60,000 training images (its own process, peak
    RSS including Python, torch and the data). Target ≤ 1.5 GB.
 
-Every timing is the median of ``--repeats`` after a warm-up on two batches; each library gets the
-same float32 model copy, batches of ``--batch-size`` in the same order, and factors are
-eigendecomposed in float64 for every library.
+Every timing is the fastest of ``--repeats`` rounds that time each library once in turn, after a
+warm-up of each on two batches (alternating rounds expose the libraries to the same load from
+other processes); each library gets the same model copy, batches of ``--batch-size`` in the same
+order, and factors are eigendecomposed in float64 for every library.
 
     python benchmarks/bench_peers.py                   # the issue's configuration
     python benchmarks/bench_peers.py --quick           # smoke test
+    python benchmarks/bench_peers.py --only kfac       # one table (kfac, diagonal, memory)
     python benchmarks/bench_peers.py --device cuda     # the same tables on a GPU
 """
 from __future__ import annotations
@@ -57,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="--n 1000 --n-memory 5000 --repeats 1")
+    p.add_argument("--only", nargs="+", choices=("kfac", "diagonal", "memory"),
+                   default=("kfac", "diagonal", "memory"), help="tables to produce (default: all)")
     p.add_argument("--worker", choices=("memory",), help=argparse.SUPPRESS)
     p.add_argument("--state", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -154,9 +158,18 @@ def backpack_diagonal(model, X, y, args):
 
 
 # -- report ----------------------------------------------------------------------------------------
-def _time(fn, model, X, y, args):
-    fn(model, X[:2 * args.batch_size], y[:2 * args.batch_size], args)  # warm-up
-    return C.timed(lambda: fn(model, X, y, args), args.device, args.repeats)
+def _time(fns, model, X, y, args):
+    """(fastest seconds, value) per function of ``fns``, from ``--repeats`` rounds that time
+    every function once in turn (after a warm-up of each on two batches): alternating exposes
+    each library to the same spells of load from other processes."""
+    for fn in fns:
+        fn(model, X[:2 * args.batch_size], y[:2 * args.batch_size], args)
+    times, values = [[] for _ in fns], [None] * len(fns)
+    for _ in range(args.repeats):
+        for k, fn in enumerate(fns):
+            t, values[k] = C.timed(lambda: fn(model, X, y, args), args.device)
+            times[k].append(t)
+    return [(min(t), v) for t, v in zip(times, values)]
 
 
 def _kfac_row(name, t, v, t_sr, v_sr):
@@ -173,25 +186,26 @@ def report_kfac(model, X, y, args):
     for dtype in (torch.float32, torch.float64):
         m, Xd = copy.deepcopy(model).to(dtype), X.to(dtype)
         tag = str(dtype).replace("torch.", "")
-        t_sr, v_sr = _time(softrank_kfac, m, Xd, y, args)
-        rows.append([f"softrank `curvature(md, 'fisher', 'kfac').soft_rank(λ)`, {tag}",
-                     f"{v_sr:.4f}", "—", f"{t_sr:.2f}", "1.00", "—", "—"])
         peers = [("nngeometry FIM(PMatKFAC, classif_logits) + eigh", nngeometry_kfac)]
         if dtype == torch.float32:
             peers.insert(0, ("curvlinops KFACLinearOperator (type-2, joint bias) + eigh",
                              curvlinops_kfac))
-        for name, fn in peers:
-            t, v = _time(fn, m, Xd, y, args)
+        (t_sr, v_sr), *timings = _time([softrank_kfac] + [fn for _, fn in peers], m, Xd, y,
+                                       args)
+        rows.append([f"softrank `curvature(md, 'fisher', 'kfac').soft_rank(λ)`, {tag}",
+                     f"{v_sr:.4f}", "—", f"{t_sr:.2f}", "1.00", "—", "—"])
+        for (name, _), (t, v) in zip(peers, timings):
             rows.append(_kfac_row(f"{name}, {tag}", t, v, t_sr, v_sr))
     print(f"## KFAC soft rank (n = {len(X):,}, batch size {args.batch_size}, λ = "
-          f"{args.weight_decay:g}, median of {args.repeats})\n")
+          f"{args.weight_decay:g}; fastest of {args.repeats} alternating rounds; load average "
+          f"{C.load_average()})\n")
     print(C.table(rows, ["library", "soft rank", "rel. diff", "seconds",
                          "peer s ÷ softrank s", "target", "met"]))
 
 
 def report_diagonal(model, X, y, args):
-    t_sr, (d_sr, c_sr) = _time(softrank_diagonal, model, X, y, args)
-    t_bp, (d_bp, c_bp) = _time(backpack_diagonal, model, X, y, args)
+    (t_sr, (d_sr, c_sr)), (t_bp, (d_bp, c_bp)) = _time([softrank_diagonal, backpack_diagonal],
+                                                       model, X, y, args)
     ratio = t_bp / t_sr
     diff_d = float((d_sr - d_bp).abs().max() / d_bp.abs().max())
     rows = [["softrank diagonal F + diagonal C", f"{float(d_sr.sum()):.6f}", f"{c_sr:.6f}",
@@ -199,8 +213,8 @@ def report_diagonal(model, X, y, args):
             ["BackPACK DiagGGNExact + BatchGrad (one pass)", f"{float(d_bp.sum()):.6f}",
              f"{c_bp:.6f}", f"{diff_d:.1e} / {abs(c_sr - c_bp) / abs(c_bp):.1e}", f"{t_bp:.2f}",
              f"{ratio:.2f}", f"≥ {DIAG_TARGET}", "yes" if ratio >= DIAG_TARGET else "**no**"]]
-    print(f"\n## Diagonal Fisher + Tr C (n = {len(X):,}, batch size {args.batch_size}, "
-          f"median of {args.repeats})\n")
+    print(f"\n## Diagonal Fisher + Tr C (n = {len(X):,}, batch size {args.batch_size}; fastest "
+          f"of {args.repeats} alternating rounds)\n")
     print(C.table(rows, ["library", "Tr F (Σ diag)", "Tr C", "rel. diff diag F / Tr C",
                          "seconds", "peer s ÷ softrank s", "target", "met"]))
 
@@ -250,12 +264,15 @@ def main(argv=None):
           f"{args.epochs} epoch(s) of Adam (weight decay = λ = {args.weight_decay:g}), train "
           f"accuracy {C.accuracy(model, X, y, args.device):.3f}; torch {torch.__version__}, "
           f"{peers}; {args.threads} threads, device {args.device}\n")
-    report_kfac(model, X, y, args)
-    report_diagonal(model, X, y, args)
-    with tempfile.TemporaryDirectory() as tmp:
-        state = Path(tmp) / "mlp.pt"
-        torch.save(model.cpu().state_dict(), state)
-        report_memory(args, state)
+    if "kfac" in args.only:
+        report_kfac(model, X, y, args)
+    if "diagonal" in args.only:
+        report_diagonal(model, X, y, args)
+    if "memory" in args.only:
+        with tempfile.TemporaryDirectory() as tmp:
+            state = Path(tmp) / "mlp.pt"
+            torch.save(model.cpu().state_dict(), state)
+            report_memory(args, state)
 
 
 if __name__ == "__main__":

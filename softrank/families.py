@@ -72,7 +72,7 @@ class LossFamily:
 
 class Categorical(LossFamily):
     r"""Softmax cross-entropy on logits :math:`z`: :math:`A = \mathrm{diag}(\pi) - \pi\pi^\top`,
-    :math:`B = \mathrm{diag}(\sqrt\pi) - \pi\sqrt\pi^\top`, :math:`r = \pi - e_y`.
+    :math:`B` (K × (K−1), see :meth:`factor`), :math:`r = \pi - e_y`.
 
     Also NLLLoss on log-probabilities (then :math:`\mathrm{softmax}(z) = \exp z`), the form of
     skorch's ``NeuralNetClassifier`` default.
@@ -108,9 +108,24 @@ class Categorical(LossFamily):
         return r
 
     def factor(self, z, y=None):
+        r"""(N, K, K−1): A has rank K−1 (:math:`A\sqrt\pi = 0`), so
+        :math:`B_0 = \mathrm{diag}(\sqrt\pi) - \pi\sqrt\pi^\top` (:math:`B_0B_0^\top = A`,
+        :math:`B_0\sqrt\pi = 0`) keeps its product with an orthonormal basis Q of
+        :math:`\sqrt\pi^\perp`: :math:`B = B_0Q`, :math:`BB^\top = B_0QQ^\top B_0^\top = A`.
+        Q is the first K−1 columns of the Householder reflection
+        :math:`I - 2ww^\top/w^\top w`, :math:`w = \sqrt\pi + e_K` (:math:`w^\top w \ge 2`:
+        stable for any π). One column fewer: K−1 backward passes and Gram rows per sample."""
         p = torch.softmax(z, dim=1)
         s = p.sqrt()
-        return torch.diag_embed(s) - p.unsqueeze(2) * s.unsqueeze(1)
+        B0 = torch.diag_embed(s) - p.unsqueeze(2) * s.unsqueeze(1)
+        K = z.shape[1]
+        if K == 1:
+            return B0  # a single class: A = 0
+        w = s.clone()
+        w[:, -1] += 1.0
+        Q = -(2.0 / (w * w).sum(1))[:, None, None] * w.unsqueeze(2) * w[:, None, :K - 1]
+        Q[:, :K - 1].diagonal(dim1=1, dim2=2).add_(1.0)  # I − 2wwᵀ/wᵀw, first K−1 columns
+        return B0 @ Q
 
     def sample(self, z, generator=None):
         return torch.multinomial(torch.softmax(z.double(), 1), 1, generator=generator).squeeze(1)

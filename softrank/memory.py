@@ -23,7 +23,7 @@ matrix_free     Lanczos basis :math:`8\,\text{steps}\cdot p\cdot m` + :math:`6\c
                 tangents :math:`3Bams` (m = probes per block)
 ==============  ==================================================================  ==========
 
-ApproxLOO (:func:`estimate_loo_memory`; m points, K' = K columns of the loss factor
+ApproxLOO (:func:`estimate_loo_memory`; m points, K' ≤ K columns of the loss factor
 :math:`B_i`, :math:`c` = ``loo.KFAC_CACHE_BYTES``):
 
 ==============  ==================================================================  ==========

@@ -175,8 +175,9 @@ def test_dense_above_the_size_limit(md):
 
 
 def test_gram_above_max_rows(md):
-    with pytest.raises(MemoryError, match="24x24 .*above max_rows=20"):
-        curvature(md, "fisher", "gram", max_rows=20)
+    # 8 samples × (K − 1 = 2) columns of the softmax factor: a 16 × 16 kernel
+    with pytest.raises(MemoryError, match="16x16 .*above max_rows=10"):
+        curvature(md, "fisher", "gram", max_rows=10)
 
 
 def test_unknown_approximation_and_matrix(md):

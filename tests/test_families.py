@@ -63,13 +63,26 @@ def test_factor_squares_to_the_output_hessian(loss_name):
 
 
 def test_categorical_factor_closed_form():
-    r""":math:`B = \mathrm{diag}(\sqrt\pi) - \pi\sqrt\pi^\top` and
+    r""":math:`BB^\top = \mathrm{diag}\,\pi - \pi\pi^\top` with K−1 orthogonal columns in
+    the column space of :math:`\mathrm{diag}(\sqrt\pi) - \pi\sqrt\pi^\top`, also for
+    saturated softmax outputs (one class at probability 1, the others underflowing); and
     :math:`\sum_y \pi_y\,r(y)r(y)^\top = \mathrm{diag}\,\pi - \pi\pi^\top` over all labels."""
     z, _ = outputs_and_targets("ce")
     fam = Categorical()
     pi = torch.softmax(z, 1)
-    expected_B = torch.diag_embed(pi.sqrt()) - pi.unsqueeze(2) * pi.sqrt().unsqueeze(1)
-    assert_rel(fam.factor(z), expected_B)
+    A = torch.diag_embed(pi) - torch.einsum("nk,nl->nkl", pi, pi)
+    B = fam.factor(z)
+    assert B.shape == (N, 3, 2)
+    assert_rel(B @ B.transpose(1, 2), A)
+    B0 = torch.diag_embed(pi.sqrt()) - pi.unsqueeze(2) * pi.sqrt().unsqueeze(1)
+    assert_rel(B0 @ torch.linalg.pinv(B0) @ B, B)  # B = B0 Q: columns in B0's column space
+    saturated = torch.tensor([[800.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 900.0],
+                              [1.0, 2.0, 3.0, 4.0]], dtype=torch.float64)
+    Bs = fam.factor(saturated)
+    ps = torch.softmax(saturated, 1)
+    assert torch.isfinite(Bs).all() and Bs.shape == (3, 4, 3)
+    assert torch.allclose(Bs @ Bs.transpose(1, 2),
+                          torch.diag_embed(ps) - torch.einsum("nk,nl->nkl", ps, ps), atol=1e-15)
     second_moment = sum(pi[:, c, None, None] * torch.einsum("nk,nl->nkl", r, r)
                         for c in range(3)
                         for r in [fam.residual(z, torch.full((N,), c, dtype=torch.long))])
