@@ -18,11 +18,13 @@ parent sees it (``resource.getrusage(RUSAGE_CHILDREN)`` after the child exited).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -205,6 +207,16 @@ def emit(result: dict) -> None:
     """Worker side: print the result line the parent parses."""
     result.setdefault("peak_rss_bytes", peak_rss_bytes())
     print(RESULT_TAG + json.dumps(result), flush=True)
+
+
+@contextlib.contextmanager
+def saved_state(model):
+    """Path of a temporary file holding ``model``'s state dict (on the CPU) for workers to
+    load; removed on exit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.pt"
+        torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+        yield path
 
 
 def run_worker(script: Path, args: list[str], threads: int, echo: bool = False) -> dict:

@@ -27,7 +27,6 @@ import cProfile
 import io
 import pstats
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -186,9 +185,7 @@ def main(argv=None):
           f"Adam (weight decay = λ = {args.weight_decay:g}), train accuracy "
           f"{C.accuracy(model, X, y):.3f}; torch {torch.__version__}, {args.threads} threads, "
           f"device {args.device}; load average {C.load_average()}\n")
-    with tempfile.TemporaryDirectory() as tmp:
-        state = Path(tmp) / "mlp.pt"
-        torch.save(model.state_dict(), state)
+    with C.saved_state(model) as state:
         report_kfac(args, state)
         if not args.skip_gram:
             report_gram(args, state, p)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -217,9 +216,7 @@ def main(argv=None):
         report_slq(md, args, budgets)
         report_spectral(md, args)
     if not args.skip_memory:
-        with tempfile.TemporaryDirectory() as tmp:
-            state = Path(tmp) / "mlp.pt"
-            torch.save(model.cpu().state_dict(), state)
+        with C.saved_state(model) as state:
             report_memory(args, state)
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -269,9 +268,7 @@ def main(argv=None):
     if "diagonal" in args.only:
         report_diagonal(model, X, y, args)
     if "memory" in args.only:
-        with tempfile.TemporaryDirectory() as tmp:
-            state = Path(tmp) / "mlp.pt"
-            torch.save(model.cpu().state_dict(), state)
+        with C.saved_state(model) as state:
             report_memory(args, state)
 
 

@@ -427,10 +427,9 @@ class SoftRankFIM(TransformerMixin, GapEstimator):
                 ("diagonal", "fisher", {})]
 
     def _measure(self, md, lam):
-        F = curvature(md, "fisher", self.approximation, random_state=self.random_state,
-                      memory_budget=self.memory_budget)
+        F = curvature(md, "fisher", self.approximation, random_state=self.random_state)
         self._fisher = F
-        return soft_rank_gap(md, lam, self.approximation, F=F, memory_budget=self.memory_budget)
+        return soft_rank_gap(md, lam, self.approximation, F=F)
 
     def _gap(self, result):
         if self.calibrated:
@@ -513,8 +512,7 @@ class TIC(GapEstimator):
         return plan
 
     def _measure(self, md, lam):
-        return tic(md, lam, self.approximation, self.variant, random_state=self.random_state,
-                   memory_budget=self.memory_budget)
+        return tic(md, lam, self.approximation, self.variant, random_state=self.random_state)
 
 
 class TraceRatio(GapEstimator):
@@ -540,7 +538,7 @@ class TraceRatio(GapEstimator):
         return [("diagonal", "gsm", {}), ("diagonal", "fisher", {})]
 
     def _measure(self, md, lam):
-        return trace_ratio(md, memory_budget=self.memory_budget)
+        return trace_ratio(md)
 
 
 class HessianNorm(GapEstimator):
@@ -583,9 +581,9 @@ class HessianNorm(GapEstimator):
 
     def _measure(self, md, lam):
         if self.approximation in ("exact", "dense"):
-            return hessian_norms(md, self.ord, memory_budget=self.memory_budget)
+            return hessian_norms(md, self.ord)
         return hessian_norms(md, self.ord, approximation=self.approximation,
-                             random_state=self.random_state, memory_budget=self.memory_budget)
+                             random_state=self.random_state)
 
     def score(self, X, y=None) -> float:
         """``-measure_``: greater is better (flatter). X and y are checked, not used."""
@@ -660,7 +658,7 @@ class ApproxLOO(GapEstimator):
 
     def _measure(self, md, lam):
         res = approx_loo(md, lam, self.method, n_points=self._n_points(md),
-                         random_state=self.random_state, memory_budget=self.memory_budget)
+                         random_state=self.random_state)
         self._loo = res
         diagnostics = {"stderr": res.stderr, "soft_rank": res.soft_rank,
                        "tic_gap": res.first_order_gap, "train_loss": res.train_loss,

@@ -22,7 +22,6 @@ import torch
 from torch import nn
 from torch.nn import functional as Fn
 
-from ._blas import gram_t
 
 __all__ = ["LayerBatch", "rule_for", "UnsupportedLayerError"]
 
@@ -212,11 +211,6 @@ class KroneckerRule(LayerRule):
         """(rows of ã, their weight 1/T, rows of g): the batch's KFAC sums are
         Σ_{i,t} ã ãᵀ / T and Σ_{i,c,t} g gᵀ (the 'expand' convention for Conv2d)."""
         return self._tilde(lb.a).flatten(0, 1), 1.0 / lb.a.shape[1], lb.g.flatten(0, 2)
-
-    def kfac_sums(self, lb):
-        """(Σ_{i,t} ã ãᵀ / T, Σ_{i,c,t} g gᵀ) of the batch."""
-        a, w, g = self.kfac_rows(lb)
-        return gram_t(a) * w, gram_t(g)
 
     def eigen_coords(self, lb, UA, UG):
         """Per-sample gradients in the Kronecker eigenbasis, squared and summed over t:

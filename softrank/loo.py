@@ -33,8 +33,8 @@ import numpy as np
 import torch
 from sklearn.utils import check_random_state
 
-from ._blas import SymmetricSum
 from .curvature import GramCurvature, KroneckerCurvature, per_sample_jacobians
+from .curvature.kronecker import KroneckerSums, require_kfac_capable
 from .curvature.matfree import GGNOperator
 from .layers import LayerBatch
 from .regularization import as_lam
@@ -101,6 +101,15 @@ def _lossless(t, dtype):
     return dtype if torch.equal(t.to(dtype).to(t.dtype), t) else t.dtype
 
 
+def _fisher_grads(g, B):
+    """(N, K', T, d) output gradients of the Fisher vectors (columns of B, (N, K, K')) from the
+    Jacobian ones g (K, N, T, d): Σ_k B[n, k, c] g[k, n]. Sample-major rather than (K', N, T, d):
+    the factor sums run over both, and this order needs no copy."""
+    V, N, T, d = g.shape
+    gj = g.reshape(V, N, T * d).transpose(0, 1)  # (N, K, T·d), a view if it can
+    return torch.bmm(B.transpose(1, 2), gj).view(N, -1, T, d)
+
+
 def _kfac_blocks(md, L):
     r"""(m, K, K) blocks :math:`J_i (F_{\mathrm{KFAC}}+\Lambda)^{-1} J_i^\top`, plus the
     outputs z and targets y, from one backward pass of the K unit vectors per sample.
@@ -111,25 +120,15 @@ def _kfac_blocks(md, L):
     ``KroneckerCurvature(md, 'fisher', 'fisher')``) and, once they are eigendecomposed, the
     blocks, from records kept up to :data:`KFAC_CACHE_BYTES` (the rest is recomputed)."""
     rules = md.rules
-    for r in rules:
-        if not r.kfac_capable:
-            r.unsupported("KFAC")
+    require_kfac_capable(rules)
     dtypes = None  # storage dtype of (inputs, output gradients) per layer, from the first batch
-    A = [SymmetricSum() for _ in rules]
-    G = [SymmetricSum() for _ in rules]
+    sums = KroneckerSums(rules)
     cache, zs, ys, used, caching = [], [], [], 0, True
     for b in md.batches("jacobian"):
         zs.append(b.z.cpu())
         ys.append(b.y.cpu())
         B = md.family.factor(b.z, b.y)  # (N, K, K')
-        for k, (r, lb) in enumerate(zip(rules, b.layers)):
-            V, N, T, d = lb.g.shape
-            gj = lb.g.reshape(V, N, T * d).transpose(0, 1)  # (N, K, T·d), a view if it can
-            gf = torch.bmm(B.transpose(1, 2), gj).view(N, -1, T, d)
-            # (N, K', T, d) rather than (K', N, T, d): the factor sums over both, no copy
-            a, w, g = r.kfac_rows(LayerBatch(lb.a, gf))
-            A[k].add(a, w)
-            G[k].add(g)
+        sums.add([LayerBatch(lb.a, _fisher_grads(lb.g, B)) for lb in b.layers])
         if caching:
             if dtypes is None:
                 dtypes = [(_lossless(lb.a, dt), _lossless(lb.g, dt)) for lb, dt in
@@ -142,8 +141,7 @@ def _kfac_blocks(md, L):
             else:
                 caching = False
         del b
-    F = KroneckerCurvature.from_factors(md, [a.value().cpu() / md.n for a in A],
-                                       [g.value().cpu() / md.n for g in G])
+    F = KroneckerCurvature.from_factors(md, *sums.factors(md.n))
 
     def blocks(layers):
         return F.output_blocks(layers, L).cpu()

@@ -274,7 +274,7 @@ def estimate_loo_memory(md, method: str = "exact", *, n_points: int | None = Non
     from .loo import KFAC_CACHE_BYTES  # read at call time (tests may lower it)
     L = _layout(md)
     n, p, B, K = L.n, L.p, L.B, L.K
-    Kp = K  # columns of the loss factor B_i: K for every family of the table
+    Kp = K  # columns of the loss factor B_i: at most K (K − 1 for softmax: an upper bound)
     if method == "exact":
         parts = {  # Θ is freed before the Cholesky: the peak is about the larger of the two
                    # phases, kernel + BᵀΘ or Cholesky + BᵀΘ + its solve; summed here

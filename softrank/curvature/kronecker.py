@@ -25,10 +25,37 @@ from __future__ import annotations
 
 import torch
 
-from .._blas import SymmetricSum
+from .._symmetric_sum import SymmetricSum
 from .base import Curvature
 
-__all__ = ["KroneckerCurvature"]
+__all__ = ["KroneckerCurvature", "KroneckerSums", "require_kfac_capable"]
+
+
+def require_kfac_capable(rules, what: str = "KFAC") -> None:
+    """Raise the layer's clear error when a rule has no Kronecker factorization."""
+    for r in rules:
+        if not r.kfac_capable:
+            r.unsupported(what)
+
+
+class KroneckerSums:
+    """Running float64 Kronecker-factor sums Σ ã ãᵀ / T and Σ g gᵀ, one pair per layer rule,
+    over the layer records of the batches passed to :meth:`add`."""
+
+    def __init__(self, rules):
+        self.rules = rules
+        self._A = [SymmetricSum() for _ in rules]
+        self._G = [SymmetricSum() for _ in rules]
+
+    def add(self, layers) -> None:
+        for r, lb, A, G in zip(self.rules, layers, self._A, self._G):
+            a, w, g = r.kfac_rows(lb)
+            A.add(a, w)
+            G.add(g)
+
+    def factors(self, n: int):
+        """(A, G): per-layer factors divided by n, on the CPU."""
+        return ([a.value().cpu() / n for a in self._A], [g.value().cpu() / n for g in self._G])
 
 
 class KroneckerCurvature(Curvature):
@@ -38,18 +65,11 @@ class KroneckerCurvature(Curvature):
         self.matrix = matrix
         self.approximation = "ekfac" if ekfac else "kfac"
         self.rules = md.rules
-        for r in self.rules:
-            if not r.kfac_capable:
-                r.unsupported(self.approximation.upper())
-        A = [SymmetricSum() for _ in self.rules]
-        G = [SymmetricSum() for _ in self.rules]
+        require_kfac_capable(self.rules, self.approximation.upper())
+        sums = KroneckerSums(self.rules)
         for b in md.batches(vectors, generator, mc_samples):
-            for k, (r, lb) in enumerate(zip(self.rules, b.layers)):
-                a, w, g = r.kfac_rows(lb)
-                A[k].add(a, w)
-                G[k].add(g)
-        self.A = [a.value().cpu() / md.n for a in A]
-        self.G = [g.value().cpu() / md.n for g in G]
+            sums.add(b.layers)
+        self.A, self.G = sums.factors(md.n)
         self._UA = self._UG = None  # eigenvectors: computed on first use (soft rank needs none)
         if ekfac:
             S = [torch.zeros(len(g), len(a), dtype=torch.float64) for a, g in zip(self.A, self.G)]
@@ -70,9 +90,7 @@ class KroneckerCurvature(Curvature):
         self = cls.__new__(cls)
         Curvature.__init__(self, md.param_names, md.sizes, md.n)
         self.matrix, self.approximation, self.rules = matrix, "kfac", md.rules
-        for r in self.rules:
-            if not r.kfac_capable:
-                r.unsupported("KFAC")
+        require_kfac_capable(self.rules)
         self.A, self.G = list(A), list(G)
         ea, self._UA = map(list, zip(*(torch.linalg.eigh(a) for a in self.A)))
         eg, self._UG = map(list, zip(*(torch.linalg.eigh(g) for g in self.G)))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SymmetricSum", "gram_t"]
+__all__ = ["SymmetricSum"]
 
 #: factors narrower than this are summed with one product (blocks would not pay off)
 MIN_BLOCKED_WIDTH = 256
@@ -50,9 +50,3 @@ class SymmetricSum:
         upper = self._acc.triu()
         return upper.add_(upper.T.tril(-1))
 
-
-def gram_t(x: torch.Tensor) -> torch.Tensor:
-    """xᵀx, (d, d) symmetric float64, for a float64 (N, d) tensor x."""
-    s = SymmetricSum()
-    s.add(x)
-    return s.value()

@@ -1,8 +1,15 @@
-"""softrank._blas: xᵀx summed by upper block rows equals the float64 matrix product."""
+"""softrank._symmetric_sum: xᵀx summed by upper block rows equals the float64 matrix product."""
 import pytest
 import torch
 
-from softrank._blas import SymmetricSum, gram_t
+from softrank._symmetric_sum import SymmetricSum
+
+
+def gram_t(x):
+    """xᵀx through one SymmetricSum.add."""
+    s = SymmetricSum()
+    s.add(x)
+    return s.value()
 
 
 @pytest.mark.parametrize("shape", [(3, 2), (257, 65), (40, 256), (300, 785), (7, 1100)])
