@@ -52,7 +52,8 @@ from .curvature.dense import DEFAULT_MAX_PARAMS
 from .families import family_for
 from .influence import fisher_leverage  # noqa: F401  (re-exported: per-sample leverage)
 from .loo import LOO_METHODS, approx_loo
-from .measures import MeasureResult, hessian_norms, soft_rank_gap, tic, trace_ratio
+from .measures import (HESSIAN_ORDS, MeasureResult, hessian_norms, soft_rank_gap, tic,
+                       trace_ratio)
 from .memory import (MemoryEstimate, check_loo_memory, check_memory, estimate_loo_memory,
                      estimate_memory, parse_bytes)
 from .model import ModelData
@@ -541,12 +542,21 @@ class TraceRatio(GapEstimator):
         return trace_ratio(md)
 
 
+HESSIAN_APPROXIMATIONS = ("exact", "dense", "matrix_free")
+
+
 class HessianNorm(GapEstimator):
-    r"""Hessian norm baselines: :math:`\mathrm{Tr}\,H` (``ord='trace'``), :math:`\|H\|_2`
-    (``'spectral'``, the largest eigenvalue) or :math:`\|H\|_F` (``'frobenius'``) of the mean
-    training loss. ``approximation='exact'`` builds the dense Hessian (small p; subsample with
-    ``n_curvature_samples``); a matrix-free approximation of the core, where available, is
-    passed on with ``random_state`` and reports ``stderr_``.
+    r"""Hessian norm baselines of the mean training loss: :math:`\mathrm{Tr}\,H`
+    (``ord='trace'``), the spectral norm :math:`\|H\|_2 = \max_j|\sigma_j|` (``'spectral'``),
+    the largest eigenvalue :math:`\sigma_{\max}(H)` (``'max_eigenvalue'``; below
+    :math:`\|H\|_2` when H is indefinite with a larger negative end, as away from a minimum) or
+    :math:`\|H\|_F` (``'frobenius'``).
+
+    ``approximation``: 'exact' (= 'dense') builds the dense p×p Hessian (small p; subsample with
+    ``n_curvature_samples``); 'matrix_free' works from Hessian-vector products only (Hutch++
+    for the trace and for :math:`\mathrm{Tr}\,H^2`, Lanczos for the two ends of the spectrum)
+    with ``random_state`` and reports ``stderr_``. The other representations (gram, diagonal,
+    kfac, ekfac) are of the Fisher and have no Hessian.
 
     There is no gap estimate (``gap_`` is None: a norm is not in loss units, and it changes
     under reparametrizations that leave the function unchanged). ``score`` returns
@@ -572,8 +582,12 @@ class HessianNorm(GapEstimator):
 
     def _check_params(self):
         super()._check_params()
-        if self.ord not in ("trace", "spectral", "frobenius"):
-            raise ValueError(f"ord must be 'trace', 'spectral' or 'frobenius'; got {self.ord!r}")
+        if self.ord not in HESSIAN_ORDS:
+            raise ValueError(f"ord must be one of {HESSIAN_ORDS}; got {self.ord!r}")
+        if self.approximation not in HESSIAN_APPROXIMATIONS:
+            raise ValueError(f"HessianNorm needs the Hessian: approximation must be one of "
+                             f"{HESSIAN_APPROXIMATIONS} (the others are of the Fisher); "
+                             f"got {self.approximation!r}")
 
     def _memory_plan(self, md):
         dense = self.approximation in ("exact", "dense")

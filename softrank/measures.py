@@ -12,7 +12,7 @@ soft rank of F     :math:`\mathrm{rank}_\Lambda(F)`        :math:`\alpha\,\mathr
 TIC (Fisher)       :math:`\mathrm{Tr}\,C(F+\Lambda)^{-1}`  value / n
 TIC (Hessian)      :math:`\mathrm{Tr}\,C(H+\Lambda)^{-1}`  value / n
 trace ratio        :math:`\mathrm{Tr}\,C/\mathrm{Tr}\,F`   value / n  (Thomas et al., 2020)
-Hessian norms      Tr H, ‖H‖₂, ‖H‖_F                      — (baselines)
+Hessian norms      Tr H, ‖H‖₂, λ_max(H), ‖H‖_F            — (baselines)
 log-det dimension  :math:`\sum_j\log(1+\sigma_j/\lambda)`  —
 =================  ======================================  =====================================
 
@@ -34,7 +34,7 @@ from .curvature import Curvature, DenseCurvature, curvature
 from .curvature.dense import DEFAULT_MAX_PARAMS
 
 __all__ = ["MeasureResult", "soft_rank", "soft_rank_gap", "tic", "trace_ratio",
-           "hessian_norms", "effective_dimension", "IndefiniteWarning"]
+           "hessian_norms", "effective_dimension", "IndefiniteWarning", "HESSIAN_ORDS"]
 
 
 class IndefiniteWarning(RuntimeWarning):
@@ -172,19 +172,37 @@ def trace_ratio(md, *, memory_budget=None) -> MeasureResult:
                          {"trace_C": tr_c, "trace_F": tr_f})
 
 
+HESSIAN_ORDS = ("trace", "spectral", "max_eigenvalue", "frobenius")
+
+
 def hessian_norms(md, ord: str = "trace", *, max_params: int = DEFAULT_MAX_PARAMS,
                   approximation: str = "dense", **kw) -> MeasureResult:
-    """Tr H (``ord='trace'``), largest eigenvalue ‖H‖₂ (``'spectral'``) or ‖H‖_F
-    (``'frobenius'``) of the Hessian: dense (small p), or ``approximation='matrix_free'``
-    (Hutch++, Lanczos, Hutch++ on H²; ``kw``: n_probes, lanczos_steps, random_state, ...)
-    with ``diagnostics['stderr']``. Baselines: no gap estimate."""
-    if ord not in ("trace", "spectral", "frobenius"):
-        raise ValueError(f"ord must be 'trace', 'spectral' or 'frobenius'; got {ord!r}")
+    r"""Hessian baselines of the mean training loss:
+
+    ====================  ===============================================================
+    ``ord``               value
+    ====================  ===============================================================
+    ``'trace'``           :math:`\mathrm{Tr}\,H = \sum_j\sigma_j`
+    ``'spectral'``        the spectral norm :math:`\|H\|_2 = \max_j|\sigma_j|`
+    ``'max_eigenvalue'``  the largest eigenvalue :math:`\sigma_{\max}(H)` (differs from
+                          :math:`\|H\|_2` when H is indefinite with
+                          :math:`|\sigma_{\min}| > \sigma_{\max}`, away from a minimum)
+    ``'frobenius'``       :math:`\|H\|_F = (\sum_j\sigma_j^2)^{1/2}`
+    ====================  ===============================================================
+
+    Dense (small p), or ``approximation='matrix_free'`` (Hutch++ for the trace and for
+    :math:`\mathrm{Tr}\,H^2`; Lanczos, which resolves both ends of the spectrum, for the
+    other two; ``kw``: n_probes, lanczos_steps, random_state, ...) with
+    ``diagnostics['stderr']``. Baselines: no gap estimate.
+    """
+    if ord not in HESSIAN_ORDS:
+        raise ValueError(f"ord must be one of {HESSIAN_ORDS}; got {ord!r}")
     if approximation == "exact":
         approximation = "dense"
     H = curvature(md, "hessian", approximation, max_params=max_params, **kw)
     largest = getattr(H, "largest_eigenvalue", lambda: float(H.eigvals().max()))
-    value = {"trace": H.trace, "spectral": largest, "frobenius": H.frobenius_norm}[ord]()
+    value = {"trace": H.trace, "spectral": H.spectral_norm, "max_eigenvalue": largest,
+             "frobenius": H.frobenius_norm}[ord]()
     diag = {"ord": ord}
     _add_error_bar(diag, H)
     return MeasureResult(f"hessian_{ord}", float(value), None, md.n_train, None,

@@ -354,7 +354,7 @@ def test_hessian_tic_warns_when_indefinite(store):
 
 
 # ------------------------------------------------------------------ measures and API
-@pytest.mark.parametrize("ord", ["trace", "spectral", "frobenius"])
+@pytest.mark.parametrize("ord", ["trace", "spectral", "max_eigenvalue", "frobenius"])
 def test_hessian_norms_matrix_free(store, ord):
     md = one_batch(store, "cnn-mse3")
     dense = measures.hessian_norms(md, ord)

@@ -33,16 +33,24 @@ interface with :mod:`softrank.stochastic` and Krylov solvers:
 =====================  ====================================================================
 
 Each of them records a :class:`~softrank.stochastic.StochasticEstimate` (value, stderr,
-n_matvec, converged) in ``last_estimate``; ``n_matvec`` counts every product.
+n_matvec, converged) in ``last_estimate``; ``n_matvec`` counts every product. The products are
+computed in the model's dtype: the error bars of the traces and extreme eigenvalues include
+the rounding of a product (relative accuracy the dtype's machine epsilon), which for a float32
+model is what separates two seeds once Lanczos has converged. An estimate whose method did not
+converge (Lanczos Ritz bound above ``tol``, SLQ quadrature error above its sampling error, CG /
+MINRES residual above ``tol``, a non-finite standard error) raises a
+:class:`~sklearn.exceptions.ConvergenceWarning` that says which setting to raise.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
 from ..stochastic import (StochasticEstimate, hutchpp, lanczos_eigenvalues, logdet_function,
@@ -214,6 +222,9 @@ def _gradient_mean(md) -> torch.Tensor:
 # -- the representation --------------------------------------------------------------------------
 _VECTORS = {"fisher": "fisher", "fisher_mc": "sampled", "gsm": "residual"}
 _SEED_OFFSETS = {"trace": 1, "slq": 2, "eig": 3, "frobenius": 4, "tic": 5, "smallest": 6}
+_ADVICE = {"lanczos": "raise lanczos_steps", "slq": "raise lanczos_steps (the quadrature "
+           "error exceeds the sampling error)", "hutch": "use more than one probe (n_probes)",
+           "solve": "raise maxiter (CG / MINRES iterations) or use a preconditioner"}
 
 
 class MatrixFreeCurvature(Curvature):
@@ -244,6 +255,8 @@ class MatrixFreeCurvature(Curvature):
 
     approximation = MATRIX_FREE
     exact = False
+    #: warn (ConvergenceWarning) when an estimate's method did not converge
+    warn_not_converged = True
 
     def __init__(self, md, matrix: str = "fisher", *, random_state=None, mc_samples: int = 1,
                  centered: bool = False, n_probes: int = 30, lanczos_steps: int = 30,
@@ -320,8 +333,23 @@ class MatrixFreeCurvature(Curvature):
             return generator_from(random_state)
         return torch.Generator().manual_seed(self._probe_seed + _SEED_OFFSETS[what])
 
-    def _record(self, est: StochasticEstimate) -> float:
+    @property
+    def matvec_rtol(self) -> float:
+        """Relative accuracy of one product: the machine epsilon of the model's dtype."""
+        return float(torch.finfo(self.md.dtype).eps)
+
+    def _record(self, est: StochasticEstimate, warn: bool = True) -> float:
         self.last_estimate = est
+        if warn and self.warn_not_converged and not est.converged:
+            residual = est.diagnostics.get("max_relative_residual")
+            key = "solve" if residual is not None else \
+                next((k for k in _ADVICE if est.method.startswith(k)), None)
+            detail = f" (relative residual {residual:.3g} > tol={self.tol:g})" \
+                if residual is not None else ""
+            warnings.warn(f"matrix_free {self.matrix}: {est.method} did not converge{detail}; "
+                          f"{_ADVICE.get(key, 'raise its budget')} (estimate {est.value:.6g} ± "
+                          f"{est.stderr:.3g})",
+                          ConvergenceWarning, stacklevel=3)
         return est.value
 
     # -- interface -----------------------------------------------------------------------------
@@ -345,7 +373,8 @@ class MatrixFreeCurvature(Curvature):
         r"""Hutch++ estimate of :math:`\mathrm{Tr}\,M` (default budget 3·``n_probes``)."""
         est = hutchpp(self._product, self.n_params, n_matvec or 3 * self.n_probes,
                       random_state=self._generator("trace", random_state),
-                      block_size=self.block_size, device=self.md.device)
+                      block_size=self.block_size, device=self.md.device,
+                      matvec_rtol=self.matvec_rtol)
         return self._record(est)
 
     def frobenius_norm(self, n_matvec: int | None = None, random_state=None) -> float:
@@ -353,7 +382,8 @@ class MatrixFreeCurvature(Curvature):
         delta method, :math:`\mathrm{se}(\|M\|_F) = \mathrm{se}(\|M\|_F^2)/(2\|M\|_F)`."""
         sq = hutchpp(self._product, self.n_params, n_matvec or 3 * self.n_probes, square=True,
                      random_state=self._generator("frobenius", random_state),
-                     block_size=self.block_size, device=self.md.device)
+                     block_size=self.block_size, device=self.md.device,
+                     matvec_rtol=self.matvec_rtol)
         value = math.sqrt(max(sq.value, 0.0))
         est = StochasticEstimate(value, sq.stderr / (2 * value) if value > 0 else sq.stderr,
                                  sq.n_matvec, sq.converged, "hutch++ (M²)",
@@ -364,7 +394,8 @@ class MatrixFreeCurvature(Curvature):
         return lanczos_eigenvalues(self._product, self.n_params, k=k,
                                    steps=steps or self.lanczos_steps, which=which,
                                    random_state=self._generator(what, random_state),
-                                   tol=self.tol, device=self.md.device)
+                                   tol=self.tol, device=self.md.device,
+                                   matvec_rtol=self.matvec_rtol)
 
     def eigvals(self, k: int = 10, steps: int | None = None, random_state=None) -> torch.Tensor:
         """The k largest eigenvalues (Lanczos Ritz values), ascending like the other
@@ -461,7 +492,10 @@ class MatrixFreeCurvature(Curvature):
         r""":math:`(M+\Lambda)^{-1}v` by CG (MINRES for the Hessian unless preconditioned).
         ``last_cg`` keeps the solver's result; ``last_estimate.value`` is the largest relative
         residual."""
-        L = self.lam(lam)
+        return self._solve(v, self.lam(lam), warn=True)
+
+    def _solve(self, v, L, warn: bool):
+        """``solve`` with a resolved Λ; ``warn=False`` inside a larger estimate (it warns)."""
         prec = self._precondition(L)
         rhs = v.to(self.md.device, torch.float64)
         shift = L.vector.to(self.md.device)
@@ -480,7 +514,7 @@ class MatrixFreeCurvature(Curvature):
             diag["indefinite"] = True
         self._record(StochasticEstimate(float(res.relative_residual.max()), 0.0,
                                         res.iterations * cols, bool(res.converged.all()), method,
-                                        diagnostics=diag))
+                                        diagnostics=diag), warn=warn)
         return res.x.to(v.device)
 
     def tic_sum(self, rules, feats, lam, n_probes: int | None = None, random_state=None) -> float:
@@ -501,7 +535,7 @@ class MatrixFreeCurvature(Curvature):
             Ub = probes(V * N, m, gen).T.reshape(m, V, N).to(b.layers[0].g)
             W += torch.stack([torch.cat([r.vjp(lb, u) for r, lb in zip(rules, b.layers)])
                               for u in Ub], 1).to(W)
-        X = self.solve(W, L).to(W)
+        X = self._solve(W, L, warn=False).to(W)
         cg = self.last_estimate
         samples = (W * X).sum(0).cpu()
         se = float(samples.std(unbiased=True)) / math.sqrt(m)
@@ -516,7 +550,7 @@ class MatrixFreeCurvature(Curvature):
         for b in feats:
             G = torch.cat([r.per_sample_grads(lb) for r, lb in zip(rules, b.layers)], -1)
             G = G.reshape(-1, G.shape[-1]).to(self.md.device, torch.float64)
-            X = self.solve(G.T, L)
+            X = self._solve(G.T, L, warn=False)
             total += float((G * X.T).sum())
             n_matvec += self.last_estimate.n_matvec
             converged &= self.last_estimate.converged
@@ -528,7 +562,8 @@ class MatrixFreeCurvature(Curvature):
     def is_positive_definite_with(self, lam) -> bool:
         """Lanczos check: False when the smallest Ritz value of M plus min Λ is ≤ 0 (then M+Λ
         is certainly indefinite); True otherwise (the Ritz value bounds λ_min from above)."""
-        return self.smallest_eigenvalue() + float(self.lam(lam).vector.min()) > 0
+        smallest = self._extreme("smallest", 1, None, None, "smallest").value
+        return smallest + float(self.lam(lam).vector.min()) > 0
 
 
 class GGNOperator(MatrixFreeCurvature):
@@ -536,6 +571,7 @@ class GGNOperator(MatrixFreeCurvature):
     the :class:`Curvature` ``preconditioner`` if given). Kept for ApproxLOO."""
 
     exact = True
+    warn_not_converged = False  # ApproxLOO reads last_cg and reports convergence itself
 
     def __init__(self, md, *, tol: float = 1e-10, maxiter: int = 1000,
                  preconditioner: Curvature | None = None):

@@ -14,7 +14,11 @@ r"""Randomized trace estimators from matrix-vector products only.
   :math:`\mathrm{Tr}(Q^\top M^2Q) = \|MQ\|_F^2` and :math:`z^\top PM^2Pz = \|MPz\|^2`.
 
 The standard error is that of the Hutchinson part (sample standard deviation over √m); the
-low-rank part is exact given Q.
+low-rank part is exact given Q, up to the accuracy of the products: with products accurate to a
+relative ``matvec_rtol`` δ (the unit roundoff of a float32 model, say) it is within
+:math:`\delta\sum_j\|MQ_j\|` (:math:`2\delta\|MQ\|_F^2` for the square), which is added
+to the standard error. ``converged`` is False when the standard error is not finite (one probe)
+or the value is not.
 """
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ def _mean_and_stderr(samples: torch.Tensor) -> tuple[float, float]:
 
 def hutchinson(matvec: Callable, dim: int, n_probes: int, *, random_state=None,
                kind: str = "rademacher", block_size: int | None = None,
-               device=None) -> StochasticEstimate:
+               device=None, matvec_rtol: float = 0.0) -> StochasticEstimate:
     r""":math:`\mathrm{Tr}\,M \approx \frac1m\sum_j z_j^\top M z_j` (Hutchinson, 1989).
 
     >>> M = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
@@ -76,15 +80,22 @@ def hutchinson(matvec: Callable, dim: int, n_probes: int, *, random_state=None,
     """
     gen = generator_from(random_state)
     Z = probes(dim, n_probes, gen, kind, device)
-    samples = (Z * apply_in_blocks(matvec, Z, block_size)).sum(0).double().cpu()
+    MZ = apply_in_blocks(matvec, Z, block_size)
+    samples = (Z * MZ).sum(0).double().cpu()
     value, se = _mean_and_stderr(samples)
-    return StochasticEstimate(value, se, n_probes, True, "hutchinson",
-                              samples=samples.numpy(), diagnostics={"probes": kind})
+    rounding = float(matvec_rtol) * float((MZ.norm(dim=0) * Z.norm(dim=0)).mean())
+    return StochasticEstimate(value, math.hypot(se, rounding), n_probes, _finite(value, se),
+                              "hutchinson", samples=samples.numpy(),
+                              diagnostics={"probes": kind, "rounding_bound": rounding})
+
+
+def _finite(value: float, se: float) -> bool:
+    return math.isfinite(value) and math.isfinite(se)
 
 
 def hutchpp(matvec: Callable, dim: int, n_matvec: int, *, random_state=None,
             kind: str = "rademacher", square: bool = False, block_size: int | None = None,
-            device=None) -> StochasticEstimate:
+            device=None, matvec_rtol: float = 0.0) -> StochasticEstimate:
     r"""Hutch++ estimate of :math:`\mathrm{Tr}\,M` (or :math:`\mathrm{Tr}\,M^2` with
     ``square=True``) from about ``n_matvec`` products: k = ⌊n_matvec/3⌋ sketch columns (capped at
     ``dim``), k products with Q, the rest Hutchinson probes on the deflated matrix.
@@ -102,15 +113,18 @@ def hutchpp(matvec: Callable, dim: int, n_matvec: int, *, random_state=None,
     Q, _ = torch.linalg.qr(apply_in_blocks(matvec, S, block_size))
     MQ = apply_in_blocks(matvec, Q, block_size)
     low_rank = float((MQ * MQ).sum() if square else (Q * MQ).sum())
-    if m == 0:  # Q spans the whole space: exact
-        return StochasticEstimate(low_rank, 0.0, 2 * k, True, "hutch++",
-                                  diagnostics={"sketch": k, "probes": 0, "low_rank": low_rank})
+    rounding = float(matvec_rtol) * float(2 * (MQ * MQ).sum() if square else MQ.norm(dim=0).sum())
+    if m == 0:  # Q spans the whole space: exact up to the products' rounding
+        return StochasticEstimate(low_rank, rounding, 2 * k, math.isfinite(low_rank), "hutch++",
+                                  diagnostics={"sketch": k, "probes": 0, "low_rank": low_rank,
+                                               "rounding_bound": rounding})
     Z = probes(dim, m, gen, kind, device)
     PZ = Z - Q @ (Q.T @ Z)
     MPZ = apply_in_blocks(matvec, PZ, block_size)
     samples = ((MPZ * MPZ) if square else (PZ * MPZ)).sum(0).double().cpu()
     rest, se = _mean_and_stderr(samples)
-    return StochasticEstimate(low_rank + rest, se, 2 * k + m, True, "hutch++",
-                              samples=samples.numpy(),
+    value = low_rank + rest
+    return StochasticEstimate(value, math.hypot(se, rounding), 2 * k + m, _finite(value, se),
+                              "hutch++", samples=samples.numpy(),
                               diagnostics={"sketch": k, "probes": m, "low_rank": low_rank,
-                                           "residual_trace": rest})
+                                           "residual_trace": rest, "rounding_bound": rounding})

@@ -194,7 +194,8 @@ class SLQ:
             bias.append(b)
             stderrs.append(math.hypot(se, b))
             per_probe.append(samples.numpy())
-        converged = all(b <= max(s, 1e-12 * abs(v)) for b, s, v in zip(bias, sampling, values))
+        converged = all(b <= max(s, 1e-12 * abs(v)) and math.isfinite(s)
+                        for b, s, v in zip(bias, sampling, values))
         diag = {"n_probes": self.n_probes, "lanczos_steps": self.steps,
                 "stderr_sampling": np.array(sampling), "quadrature_error": np.array(bias),
                 "quadrature_error_kind": "bracket" if self.lower is not None else "last step"}
@@ -254,11 +255,18 @@ def slq(matvec: Callable, dim: int, *, n_probes: int = 10, steps: int = 20, rand
 # -- extreme eigenvalues ---------------------------------------------------------------------
 def lanczos_eigenvalues(matvec: Callable, dim: int, *, k: int = 1, steps: int = 30,
                         which: str = "largest", random_state=None, tol: float = 1e-6,
-                        device=None) -> StochasticEstimate:
+                        device=None, matvec_rtol: float = 0.0) -> StochasticEstimate:
     r"""The k extreme eigenvalues of M (``which``: 'largest', 'smallest' or 'magnitude') from
     ``steps`` Lanczos steps on one Gaussian start vector. ``values``: the k Ritz values (most
-    extreme first); ``stderrs``: error estimates :math:`\min(\rho_i, \rho_i^2/\mathrm{gap}_i)`;
-    converged when every one of them is ≤ ``tol``·max|θ|.
+    extreme first); ``stderrs``: error bounds
+
+    .. math:: \min(\rho_i, \rho_i^2/\mathrm{gap}_i) + \delta\,\max_j|\theta_j|,
+
+    the Ritz bound of the operator as computed plus, by Weyl's inequality, the distance
+    between its eigenvalues and M's when each product is only accurate to a relative
+    ``matvec_rtol`` δ (e.g. the unit roundoff of a float32 model: the Ritz residuals do not
+    see rounding in the products). Converged when every Ritz bound is ≤ ``tol``·max|θ| (more
+    steps cannot remove the rounding term).
 
     >>> M = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
     >>> est = lanczos_eigenvalues(lambda X: M @ X, 100, k=2, steps=60, random_state=0)
@@ -279,13 +287,16 @@ def lanczos_eigenvalues(matvec: Callable, dim: int, *, k: int = 1, steps: int = 
     order = torch.argsort(key)[:k]
     gaps = torch.stack([(theta[i] - theta[torch.arange(L) != i]).abs().min() if L > 1 else
                         torch.tensor(math.inf, dtype=torch.float64) for i in order])
-    err = torch.minimum(rho[order], rho[order] ** 2 / gaps.clamp_min(1e-300))
+    ritz = torch.minimum(rho[order], rho[order] ** 2 / gaps.clamp_min(1e-300))
     scale = float(theta.abs().max())
-    converged = bool((err <= tol * max(scale, 1e-300)).all())
+    converged = bool((ritz <= tol * max(scale, 1e-300)).all()) and math.isfinite(scale)
+    err = ritz + float(matvec_rtol) * scale
     vals = theta[order]
     return StochasticEstimate(float(vals[0]), float(err[0]), run.n_matvec, converged,
                               f"lanczos ({which})", values=vals.numpy(), stderrs=err.numpy(),
                               diagnostics={"ritz_residuals": rho[order].numpy(),
+                                           "ritz_bounds": ritz.numpy(),
+                                           "rounding_bound": float(matvec_rtol) * scale,
                                            "lanczos_steps": L, "ritz_values": theta.numpy()})
 
 

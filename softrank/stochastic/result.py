@@ -17,7 +17,7 @@ class StochasticEstimate:
     (quadrature / truncation) error where the method has one (see ``diagnostics``).
     ``n_matvec``: matrix-vector products used (one per column of a batched product).
     ``converged``: the method's own stopping criterion held (CG residual, Ritz residual,
-    quadrature bracket). Per-λ estimates (one Lanczos run, a grid of λ) fill ``lams``,
+    quadrature error within the sampling error, a finite standard error: at least two probes). Per-λ estimates (one Lanczos run, a grid of λ) fill ``lams``,
     ``values`` and ``stderrs``; ``value``/``stderr`` are then those of the first λ.
     """
 

@@ -221,6 +221,6 @@ def _hessian_norms(md: ModelData, options, seed: int) -> dict[str, Any]:
     kw = {"approximation": "matrix_free", "n_probes": options.hessian_probes,
           "lanczos_steps": options.hessian_iterations, "random_state": seed}
     trace = core.hessian_norms(md, "trace", **kw)
-    top = core.hessian_norms(md, "spectral", **kw)
+    top = core.hessian_norms(md, "max_eigenvalue", **kw)
     return {"hessian_trace": trace.value, "hessian_trace_stderr": trace.diagnostics["stderr"],
             "hessian_spectral": top.value, "hessian_method": "matrix_free", "n_hessian": md.n}
