@@ -123,7 +123,9 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         use. ``fit`` compares :mod:`softrank.memory`'s estimate of every curvature the measure
         builds with it, after training the net (if it does) and before any measuring data pass,
         and raises a :class:`MemoryError` naming the approximation, the estimate, the budget and
-        the approximations that would fit. None (default): no check.
+        the approximations that would fit. None (default): the same check against the memory
+        available at that moment (free RAM within the process's limits, or free device memory
+        on CUDA).
         :meth:`estimate_memory` lists the estimates in advance.
     """
 
@@ -253,9 +255,8 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         full = self._model_data(net, Xt, y, n_train)
         Xc, yc = self._curvature_subset(Xt, y)
         md = full if len(Xc) == len(Xt) else self._model_data(net, Xc, yc, n_train)
-        budget = getattr(self, "memory_budget", None)
-        if budget is not None:  # before any data pass
-            self._memory_estimates(md, budget)
+        # before any data pass: against memory_budget, or the memory available now
+        self._memory_estimates(md, getattr(self, "memory_budget", None), check=True)
         train_loss = sk.mean_loss(full)
         lam = self._resolve_lam(net, md)
         result = self._measure(md, lam)
@@ -286,14 +287,15 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         method). Subclasses list theirs (default: none)."""
         return []
 
-    def _memory_estimates(self, md, budget=None) -> list:
-        """The estimates of ``_memory_plan(md)``; with ``budget``, raise a MemoryError (named
-        after the estimator) at the first one above it."""
+    def _memory_estimates(self, md, budget=None, *, check=False) -> list:
+        """The estimates of ``_memory_plan(md)``; with ``check``, raise a MemoryError (named
+        after the estimator) at the first one above ``budget`` (None: the memory available
+        now, :func:`softrank.memory.available_memory`)."""
         out = []
         for approx, matrix, opts in self._memory_plan(md):
             loo = matrix == "approx_loo"
             try:
-                if budget is None:
+                if not check:
                     est = (estimate_loo_memory(md, approx, **opts) if loo else
                            estimate_memory(md, approx, matrix, **opts))
                 else:
@@ -302,7 +304,8 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
             except MemoryError as e:
                 name = type(self).__name__
                 raise MemoryError(str(e) if str(e).startswith(name) else f"{name}: {e}") from None
-            out.append(est)
+            if est is not None:
+                out.append(est)
         return out
 
     def estimate_memory(self, X, y=None) -> list[MemoryEstimate]:
@@ -590,8 +593,12 @@ class HessianNorm(GapEstimator):
                              f"got {self.approximation!r}")
 
     def _memory_plan(self, md):
-        dense = self.approximation in ("exact", "dense")
-        return [("dense" if dense else self.approximation, "hessian", {})]
+        if self.approximation in ("exact", "dense"):
+            return [("dense", "hessian", {})]
+        # Hutch++ keeps no Lanczos basis; Lanczos for the extreme eigenvalues runs one vector
+        lanczos = {"block_size": 1} if self.ord in ("spectral", "max_eigenvalue") else \
+            {"lanczos_steps": 0}
+        return [(self.approximation, "hessian", lanczos)]
 
     def _measure(self, md, lam):
         if self.approximation in ("exact", "dense"):

@@ -49,18 +49,25 @@ Estimates are within a small factor of the measured peak (allocator slack, tempo
 to refuse configurations that cannot fit, not to account for every byte.
 
 :func:`check_memory` raises :class:`MemoryError` before any data pass when the estimate
-exceeds ``memory_budget`` (bytes, or a string such as ``"1.5GB"`` / ``"512MiB"``), naming the
-approximations that would fit.
+exceeds ``memory_budget`` (bytes, or a string such as ``"1.5GB"`` / ``"512MiB"``) or, when no
+budget is given, the memory available now (:func:`available_memory`: the smaller of the
+kernel's ``MemAvailable`` and the room left under the process's cgroup limit on the CPU, free
+device memory on CUDA), naming the approximations that would fit. A budget set explicitly is
+the limit, above or below what is available.
 """
 from __future__ import annotations
 
+import math
+import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 __all__ = ["MemoryEstimate", "estimate_memory", "check_memory", "parse_bytes",
-           "estimate_loo_memory", "check_loo_memory", "MEMORY_APPROXIMATIONS", "LOO_MEMORY_METHODS"]
+           "estimate_loo_memory", "check_loo_memory", "available_memory",
+           "MEMORY_APPROXIMATIONS", "LOO_MEMORY_METHODS"]
 
 MEMORY_APPROXIMATIONS = ("dense", "gram", "diagonal", "kfac", "ekfac", "matrix_free")
 LOO_MEMORY_METHODS = ("exact", "kfac", "subsample")
@@ -92,14 +99,88 @@ def _fmt(b: float) -> str:
 
 
 def parse_bytes(budget) -> int:
-    """Bytes from an int/float or a string with a unit ('1.5GB', '512 MiB', '2e9')."""
+    """Bytes from an int/float or a string with a unit ('1.5GB', '512 MiB', '2e9'); a clear
+    ValueError for anything else (NaN, inf, a bool, a string without a number)."""
+    bad = ValueError("memory_budget must be a finite number of bytes or a string such as "
+                     f"'2GB' or '512MiB'; got {budget!r}")
+    if isinstance(budget, bool):
+        raise bad
     if isinstance(budget, (int, float)):
-        return int(budget)
-    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([KMGT]?I?B?)\s*", str(budget).upper())
-    if not m:
-        raise ValueError(f"memory_budget must be a number of bytes or a string such as '2GB'; "
-                         f"got {budget!r}")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+        value = float(budget)
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:E[+-]?[0-9]+)?)\s*([KMGT]?I?B?)\s*",
+                         str(budget).upper())
+        if not m or m.group(2) not in _UNITS:
+            raise bad
+        value = float(m.group(1)) * _UNITS[m.group(2)]
+    if not math.isfinite(value):
+        raise bad
+    return int(value)
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _cgroup_room() -> int | None:
+    """Bytes left under this process's cgroup memory limit (v2, then v1); None without one."""
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        lim, use = _read_int(limit), _read_int(usage)
+        if lim is not None and use is not None and lim < 2 ** 60:  # 'max' / unlimited
+            return max(lim - use, 0)
+    return None
+
+
+def _mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def available_memory(device=None) -> tuple[int, str] | None:
+    """(bytes that can be allocated now on ``device``, where that number comes from), or None
+    when it cannot be read.
+
+    CPU: the smaller of ``MemAvailable`` (``/proc/meminfo``; elsewhere the free pages from
+    ``os.sysconf``) and the room left under the process's cgroup memory limit. CUDA:
+    ``torch.cuda.mem_get_info`` (free device memory)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(dev)[0]), f"free memory on {dev}"
+        except (RuntimeError, AssertionError):
+            return None
+    if dev.type != "cpu":
+        return None
+    found = [(b, src) for b, src in ((_mem_available(), "available memory"),
+                                     (_cgroup_room(), "room under the cgroup memory limit"))
+             if b is not None]
+    return min(found) if found else None
+
+
+def _limit(memory_budget, device) -> tuple[int, str] | None:
+    """(bytes, how to name them in a message) of an explicit budget or of what is available."""
+    if memory_budget is not None:
+        budget = parse_bytes(memory_budget)
+        return budget, f"memory_budget={_fmt(budget)}"
+    avail = available_memory(device)
+    if avail is None:
+        return None
+    return avail[0], (f"the {_fmt(avail[0])} of {avail[1]} (set memory_budget to use another "
+                      "limit)")
 
 
 # -- layer shapes (one sample: no data pass) -------------------------------------------------------
@@ -230,18 +311,41 @@ def estimate_memory(md, approximation: str = "exact", matrix: str = "fisher", *,
     return MemoryEstimate(approximation, matrix, int(sum(parts.values())), parts)
 
 
-def _refuse(what: str, est: MemoryEstimate, budget: int, fits: list, hint: str):
+#: advice when no alternative fits: valid for every estimator (all of them take these)
+_GENERIC_HINT = ("; nothing else fits either: reduce batch_size, estimate the curvature on fewer "
+                 "samples with n_curvature_samples (the kernels of 'gram' and of ApproxLOO's "
+                 "'exact' grow as n²), or count fewer parameters with params")
+
+
+def _refuse(what: str, est: MemoryEstimate, limit: str, fits: list, hint: str):
     fits_txt = ("; within budget: " + ", ".join(fits)) if fits else hint
     raise MemoryError(f"{what} needs about {_fmt(est.total)} ({est}), above "
-                      f"memory_budget={_fmt(budget)}{fits_txt}. Nothing was computed.")
+                      f"{limit}{fits_txt}. Nothing was computed.")
 
 
-def check_memory(md, approximation: str, matrix: str, memory_budget, **options) -> MemoryEstimate:
+def _estimate_quietly(estimate, md, memory_budget, *args, **options):
+    """The estimate; when only the available memory is checked (no budget given), a model
+    whose layout cannot be read is not refused (None)."""
+    if memory_budget is not None:
+        return estimate(md, *args, **options)
+    try:
+        return estimate(md, *args, **options)
+    except Exception:  # noqa: BLE001 - a safety net must not break a computation
+        return None
+
+
+def check_memory(md, approximation: str, matrix: str, memory_budget=None,
+                 **options) -> MemoryEstimate | None:
     """Raise :class:`MemoryError` (before any data pass) when the estimate of
-    ``approximation`` exceeds ``memory_budget``; return the estimate otherwise."""
-    budget = parse_bytes(memory_budget)
-    est = estimate_memory(md, approximation, matrix, **options)
-    if est.total <= budget:
+    ``approximation`` exceeds ``memory_budget`` (None: the memory available now on
+    ``md.device``, see :func:`available_memory`); return the estimate otherwise (None when
+    neither a budget nor the available memory is known)."""
+    limit = _limit(memory_budget, md.device)
+    if limit is None:
+        return None
+    budget, limit_txt = limit
+    est = _estimate_quietly(estimate_memory, md, memory_budget, approximation, matrix, **options)
+    if est is None or est.total <= budget:
         return est
     fits = []
     for other in MEMORY_APPROXIMATIONS:
@@ -253,9 +357,9 @@ def check_memory(md, approximation: str, matrix: str, memory_budget, **options) 
         except Exception:  # noqa: BLE001 - only for the suggestion
             continue
         if o.total <= budget:
-            fits.append(f"{other} (~{_fmt(o.total)})")
-    _refuse(f"approximation={est.approximation!r} for matrix={matrix!r}", est, budget, fits,
-            "; no approximation fits: reduce batch_size, n_probes/lanczos_steps or block_size")
+            fits.append(f"approximation={other!r} (~{_fmt(o.total)})")
+    _refuse(f"approximation={est.approximation!r} for matrix={matrix!r}", est, limit_txt, fits,
+            _GENERIC_HINT)
 
 
 # -- approximate leave-one-out (softrank.loo.approx_loo) ------------------------------------------
@@ -308,12 +412,16 @@ def estimate_loo_memory(md, method: str = "exact", *, n_points: int | None = Non
     return MemoryEstimate(method, "approx_loo", int(sum(parts.values())), parts)
 
 
-def check_loo_memory(md, method: str, memory_budget, **options) -> MemoryEstimate:
+def check_loo_memory(md, method: str, memory_budget=None, **options) -> MemoryEstimate | None:
     """Raise :class:`MemoryError` (before any data pass) when the estimate of
-    ``approx_loo(md, lam, method, ...)`` exceeds ``memory_budget``; return it otherwise."""
-    budget = parse_bytes(memory_budget)
-    est = estimate_loo_memory(md, method, **options)
-    if est.total <= budget:
+    ``approx_loo(md, lam, method, ...)`` exceeds ``memory_budget`` (None: the memory available
+    now); return it otherwise (None when no limit is known)."""
+    limit = _limit(memory_budget, md.device)
+    if limit is None:
+        return None
+    budget, limit_txt = limit
+    est = _estimate_quietly(estimate_loo_memory, md, memory_budget, method, **options)
+    if est is None or est.total <= budget:
         return est
     fits = []
     for other in LOO_MEMORY_METHODS:
@@ -321,6 +429,6 @@ def check_loo_memory(md, method: str, memory_budget, **options) -> MemoryEstimat
             o = estimate_loo_memory(md, other, **options)
             if o.total <= budget:
                 fits.append(f"method={other!r} (~{_fmt(o.total)})")
-    _refuse(f"ApproxLOO(method={method!r})", est, budget, fits,
+    _refuse(f"ApproxLOO(method={method!r})", est, limit_txt, fits,
             "; no method fits: reduce batch_size or n_points (method='subsample'), or "
-            "subsample with n_curvature_samples")
+            "estimate on fewer samples with n_curvature_samples")

@@ -19,12 +19,15 @@ __all__ = ["dense_curvature", "per_sample_jacobians", "DEFAULT_MAX_PARAMS"]
 DEFAULT_MAX_PARAMS = 5000
 
 
-def _check_size(md, max_params):
+def _check_size(md, max_params, matrix="fisher"):
     if md.n_params > max_params:
+        other = ("approximation='matrix_free' (Hessian-vector products; the other "
+                 "representations are of F and C and have no Hessian)" if matrix == "hessian"
+                 else "approximation='gram' (exact, for moderate n·K), 'kfac', 'ekfac', "
+                 "'diagonal' or 'matrix_free'")
         raise MemoryError(
             f"approximation='dense' builds a {md.n_params}x{md.n_params} matrix; that is above "
-            f"max_params={max_params}. Use approximation='gram' (exact, for moderate n·K), "
-            "'kfac', 'ekfac' or 'diagonal' — or raise max_params if you have the memory.")
+            f"max_params={max_params}. Use {other}, or count fewer parameters with params.")
 
 
 def per_sample_jacobians(md, xb: torch.Tensor) -> torch.Tensor:
@@ -42,7 +45,7 @@ def dense_curvature(md, matrix: str, *, generator=None, mc_samples: int = 1,
                     centered: bool = False, max_params: int = DEFAULT_MAX_PARAMS
                     ) -> DenseCurvature:
     """Exact dense ``matrix`` in {'fisher', 'fisher_mc', 'gsm', 'hessian'} of ``md``."""
-    _check_size(md, max_params)
+    _check_size(md, max_params, matrix)
     p = md.n_params
     M = torch.zeros(p, p, dtype=torch.float64, device=md.device)
     gbar = torch.zeros(p, dtype=torch.float64, device=md.device)

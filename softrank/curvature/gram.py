@@ -57,10 +57,12 @@ class GramCurvature(Curvature):
         self.n_rows = md.n * self.V
         if self.n_rows > max_rows:
             raise MemoryError(
-                f"approximation='gram' needs a {self.n_rows}x{self.n_rows} float64 kernel "
+                ("ApproxLOO(method='exact')" if matrix == "ntk" else "approximation='gram'") +
+                f" needs a {self.n_rows}x{self.n_rows} float64 kernel "
                 f"(n·K = {md.n}·{self.V}; {8 * self.n_rows ** 2 / 2 ** 30:.1f} GiB); above "
-                f"max_rows={max_rows}. Subsample with n_curvature_samples, or use 'kfac', "
-                "'ekfac' or 'diagonal'.")
+                f"max_rows={max_rows}. Subsample with n_curvature_samples, or use " + (
+                    "method='kfac' or 'subsample'." if matrix == "ntk" else
+                    "'kfac', 'ekfac', 'diagonal' or 'matrix_free'."))
         self._kernels: dict = {}
         self._eig = None
         self._chol: dict = {}
