@@ -93,13 +93,33 @@ def reliability_diagram(proba, y, n_bins: int = 15, ax=None, label: str | None =
 def fit_temperature(logits, y, *, max_iter: int = 200) -> float:
     r"""Temperature :math:`T>0` minimizing the NLL of :math:`\mathrm{softmax}(z/T)` on
     (logits, y) (Guo et al., 2017). For a binary model pass one logit per sample.
-    Fitted on the training data by default in softrank; pass held-out data to fit there."""
-    z = torch.as_tensor(np.asarray(logits), dtype=torch.float64)
-    y = torch.as_tensor(np.asarray(y)).reshape(-1)
+    Fitted on the training data by default in softrank; pass held-out data to fit there.
+
+    Raises ValueError for non-finite logits, labels outside 0..K-1 (0/1 for one logit), a
+    length mismatch or no samples, and when the optimum is not a finite positive T."""
+    z_np, y_np = np.asarray(logits), np.asarray(y)
+    if z_np.dtype.kind not in "biuf" or y_np.dtype.kind not in "biuf":
+        raise TypeError(f"fit_temperature needs numeric logits and integer labels; got dtypes "
+                        f"{z_np.dtype} and {y_np.dtype}")
+    z = torch.as_tensor(z_np, dtype=torch.float64)
+    if z.ndim not in (1, 2) or z.shape[0] == 0:
+        raise ValueError(f"logits must be (n_samples, K) or (n_samples,) with n_samples ≥ 1; "
+                         f"got shape {tuple(z.shape)}")
+    if not torch.isfinite(z).all():
+        bad = int((~torch.isfinite(z)).reshape(z.shape[0], -1).any(1).sum())
+        raise ValueError(f"logits contain NaN or inf ({bad} samples): the temperature of a "
+                         "non-finite logit is undefined; check the model's outputs")
     if z.ndim == 1 or z.shape[1] == 1:
         z = z.reshape(-1, 1)
         z = torch.cat([torch.zeros_like(z), z], 1)
-    y = y.long()
+    y_flat = y_np.reshape(-1)
+    if len(y_flat) != z.shape[0]:
+        raise ValueError(f"logits have {z.shape[0]} samples but y has {len(y_flat)}")
+    if not np.array_equal(y_flat, np.round(y_flat)) or y_flat.min() < 0 or \
+            y_flat.max() >= z.shape[1]:
+        raise ValueError(f"labels must be integers in 0..{z.shape[1] - 1} (one per column of "
+                         f"the logits); got values in [{y_flat.min()}, {y_flat.max()}]")
+    y = torch.as_tensor(y_flat.astype(np.int64))
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
 
@@ -110,7 +130,12 @@ def fit_temperature(logits, y, *, max_iter: int = 200) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.detach().exp())
+    T = float(log_t.detach().exp())
+    if not (np.isfinite(T) and T > 0):
+        raise ValueError(f"the temperature fit did not reach a finite optimum (T = {T}); the "
+                         "logits separate the labels perfectly (the NLL falls without bound as "
+                         "T → 0) or are degenerate")
+    return T
 
 
 # -- temperature scaling of a fitted skorch net -----------------------------------------------

@@ -137,7 +137,7 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         if self.prefit not in _PREFIT:
             raise ValueError(f"prefit must be 'auto', True or False; got {self.prefit!r}")
         batch_size = getattr(self, "batch_size", 256)
-        if not isinstance(batch_size, Integral) or batch_size < 1:
+        if not isinstance(batch_size, Integral) or isinstance(batch_size, bool) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
         m = self.n_curvature_samples
         if m is not None and (not isinstance(m, Integral) or isinstance(m, bool) or m < 1):
@@ -149,10 +149,10 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         if budget is not None and (isinstance(budget, bool) or parse_bytes(budget) <= 0):
             raise ValueError(f"memory_budget must be a positive number of bytes, a string such "
                              f"as '2GB', or None; got {budget!r}")
-        lam = getattr(self, "lam", None)
-        if isinstance(lam, str) and lam != "auto":
-            raise ValueError("lam must be 'auto', a positive float, a dict or a tensor; "
-                             f"got {lam!r}")
+        if self._needs_lam:
+            _check_lam(getattr(self, "lam", "auto"))
+        for name in ("random_state", "device", "params"):
+            _check_option(name, getattr(self, name, None))
 
     # -- tags ------------------------------------------------------------------------------
     def __sklearn_tags__(self):
@@ -189,10 +189,11 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         pre, net = sk.split_estimator(est)
         with _seeded(self.random_state):
             if pre is None:
-                net.initialize()
+                sk.initialize(net)
                 X = sk.check_X(X, sk.module_dtype(net))
                 y = sk.check_y(net, y, len(X), sk.module_dtype(net))
                 self._check_criterion(net)
+                sk.check_module_fits_data(net, X, y)
             else:
                 y = sk.check_y(net, y, sk.num_samples(X))
             est.fit(X, y)
@@ -224,6 +225,7 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         Xt, net = self._inputs(est, X, reset=reset)
         y = sk.check_y(net, y, len(Xt), sk.module_dtype(net))
         sk.check_labels_seen(net, y)
+        sk.check_module_fits_data(net, Xt, y)
         return Xt, y, net
 
     def _curvature_subset(self, X, y):
@@ -385,6 +387,60 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
     def predict_proba(self, X):
         """The fitted net's class probabilities (classifiers only)."""
         return self._delegate("predict_proba", X)
+
+
+_LAM_KINDS = "'auto', a positive float, a dict {parameter name: positive float} or a (p,) tensor"
+
+
+def _check_lam(lam) -> None:
+    """The form of ``lam`` (its values are checked against the parameters in ``fit``)."""
+    if _is_auto(lam):
+        return
+    if lam is None or isinstance(lam, (bool, str)):
+        raise (ValueError if isinstance(lam, str) else TypeError)(
+            f"lam must be {_LAM_KINDS}; got {lam!r}")
+    values = list(lam.values()) if isinstance(lam, dict) else [lam]
+    for v in values:
+        if isinstance(v, bool) or isinstance(v, str):
+            raise TypeError(f"lam must be {_LAM_KINDS}; got {lam!r}")
+        arr = v.detach().cpu().numpy() if torch.is_tensor(v) else np.asarray(v)
+        if arr.dtype.kind == "c":
+            raise TypeError(f"lam must be real (it is the weight-decay coefficient Λ); got the "
+                            f"complex value {lam!r}")
+        if arr.dtype.kind not in "biuf":
+            raise TypeError(f"lam must be {_LAM_KINDS}; got {lam!r}")
+        if arr.size and not np.isfinite(arr).all():
+            raise ValueError(f"lam must be finite; got {lam!r}")
+        if arr.size and not (arr > 0).all():
+            raise ValueError(f"lam must be > 0 (the weight-decay coefficient Λ in mean loss + "
+                             f"½θᵀΛθ); got {lam!r}")
+
+
+def _check_option(name, value) -> None:
+    """random_state and device: their types (torch and numpy would fail later, less clearly)."""
+    if value is None:
+        return
+    if name == "random_state":
+        if isinstance(value, bool) or not isinstance(value, (Integral, np.random.RandomState)):
+            raise TypeError(f"random_state must be None, an int or a numpy RandomState; got "
+                            f"{value!r}")
+        if isinstance(value, Integral) and not 0 <= value < 2 ** 32:
+            raise ValueError(f"random_state must be in [0, 2**32); got {value!r}")
+        return
+    if name == "params":
+        if callable(value) or (isinstance(value, (list, tuple)) and value and
+                               all(isinstance(v, str) for v in value)):
+            return
+        raise TypeError("params must be None, a non-empty list of parameter names, or a "
+                        f"callable(name, parameter) -> bool; got {value!r}")
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"device must be None or a torch device such as 'cpu' or 'cuda:0'; "
+                         f"got {value!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={value!r}, but CUDA is not available here; use device='cpu' "
+                         "or None (the module's device)")
 
 
 def _is_auto(lam) -> bool:

@@ -124,7 +124,55 @@ def check_X(X, dtype: torch.dtype | None = None) -> np.ndarray:
     X = check_array(X, dtype="numeric", allow_nd=True, ensure_all_finite=True,
                     input_name="X")
     target = _NP_DTYPES.get(dtype or torch.get_default_dtype(), np.float32)
-    return X.astype(target, copy=False)
+    out = X.astype(target, copy=False)
+    if out.dtype != X.dtype and out.dtype.kind == "f" and not np.isfinite(out).all():
+        big = float(np.abs(X).max())
+        raise ValueError(f"X has values up to {big:.3g}, which overflow the module's dtype "
+                         f"{np.dtype(target).name} (largest finite value "
+                         f"{float(np.finfo(target).max):.3g}): rescale X (e.g. with "
+                         "sklearn.preprocessing.StandardScaler) or use a float64 module")
+    return out
+
+
+def _check_has_parameters(net) -> None:
+    if next(iter(net.module_.parameters()), None) is None:
+        raise ValueError(f"the module {type(net.module_).__name__} has no parameters: there is "
+                         "nothing to train or to measure")
+
+
+def initialize(net):
+    """``net.initialize()``, with a clear error for a module without parameters (the optimizer
+    would refuse an empty parameter list)."""
+    try:
+        return net.initialize()
+    except ValueError:
+        if getattr(net, "module_", None) is not None:
+            _check_has_parameters(net)
+        raise
+
+
+def check_module_fits_data(net, X, y) -> None:
+    """Before training or measuring a bare net: it has parameters to train and measure, and a
+    classifier's labels index its outputs (labels 0..K-1 for K outputs). One forward of one
+    sample in eval mode, without gradients (modes restored: the module is not changed)."""
+    _check_has_parameters(net)
+    if net_kind(net) != "classifier" or y is None or not isinstance(X, np.ndarray) or \
+            not len(y) or not len(X):
+        return
+    try:
+        with torch.no_grad(), preserved_modes(net):
+            net.module_.eval()
+            device = next(net.module_.parameters()).device
+            out = net.module_(torch.as_tensor(np.asarray(X[:1])).to(device))
+    except Exception:  # noqa: BLE001 - a shape mismatch is reported by the input checks
+        return
+    if not torch.is_tensor(out) or out.ndim < 2:
+        return
+    K, top = int(out.shape[1]), int(np.max(y))
+    if top >= K:
+        raise ValueError(f"y has the class label {top}, but the module has {K} outputs "
+                         f"(labels must be 0..{K - 1}): encode the labels with "
+                         "sklearn.preprocessing.LabelEncoder or give the module more outputs")
 
 
 def check_y(net, y, n_samples: int | None = None, dtype: torch.dtype | None = None) -> np.ndarray:

@@ -176,14 +176,24 @@ def test_row_holds_every_measure(serial_rows):
     assert row["hessian_method"] == "matrix_free"  # p = 134 > dense_max_params = 50
 
 
-def test_failed_measure_is_recorded_not_fatal():
+def test_failed_measure_is_recorded_not_fatal(monkeypatch):
+    import softrank.study.measures as study_measures
+
+    real = study_measures.curvature
+
+    def failing(md, matrix, approximation, *args, **kwargs):
+        if approximation == "ekfac":
+            raise ValueError("simulated failure")
+        return real(md, matrix, approximation, *args, **kwargs)
+
+    monkeypatch.setattr(study_measures, "curvature", failing)
     cfg = TrainConfig("teacher_student", width=4, n_train=40, n_test=40, epochs=1,
-                      measures=MeasureOptions(**{**TINY_MEASURES, "soft_rank": ("kfac", "nope"),
+                      measures=MeasureOptions(**{**TINY_MEASURES, "soft_rank": ("kfac", "ekfac"),
                                                  "tic": (), "loo": ("exact",),
                                                  "gram_samples": 20, "hessian": False}))
     row = run_config(cfg)
-    assert "nope: ValueError" in row["errors"]
-    assert math.isfinite(row["rank_kfac"]) and "rank_nope" not in row
+    assert "ekfac: ValueError: simulated failure" in row["errors"]
+    assert math.isfinite(row["rank_kfac"]) and "rank_ekfac" not in row
     # exact ApproxLOO needs every training point in the Gram matrix: n = 40 > 20 skips it
     assert "loo_exact: n=40 > gram_samples=20" in row["skipped"]
     assert "est_loo_exact" not in row

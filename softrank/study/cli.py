@@ -11,6 +11,10 @@ Commands:
 * ``report (--store S.sqlite | --csv T.csv) [--markdown OUT.md] [--plots DIR]
   [--where COL=V] [--exclude COL=V]`` — Kendall τ, granulated τ and estimate/observed ratios
   (printed as Markdown) and the figures, on the rows selected.
+
+An error (a bad grid, a damaged store, a failed model with ``--errors raise``) is printed as
+one line that names the file and what to do, with exit status 1; ``--debug`` (on every command)
+shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -21,8 +25,17 @@ from pathlib import Path
 __all__ = ["cli_main", "build_parser", "add_study_command", "run_args", "filter_rows"]
 
 
+def _common() -> argparse.ArgumentParser:
+    """Options of every command."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--debug", action="store_true",
+                   help="on an error, show the full traceback instead of one line")
+    return p
+
+
 def _add_run(sub) -> None:
-    p = sub.add_parser("run", help="train and measure the configurations not yet stored")
+    p = sub.add_parser("run", help="train and measure the configurations not yet stored",
+                       parents=[_common()])
     p.add_argument("grid", help="grid JSON file")
     p.add_argument("--store", required=True, help="SQLite results file (created if missing)")
     p.add_argument("--backend", default="joblib", choices=["serial", "joblib", "dask"])
@@ -41,13 +54,15 @@ def _add_run(sub) -> None:
 
 
 def _add_other(sub) -> None:
-    p = sub.add_parser("list", help="the configurations of a grid and whether they are done")
+    p = sub.add_parser("list", help="the configurations of a grid and whether they are done",
+                       parents=[_common()])
     p.add_argument("grid")
     p.add_argument("--store", default=None)
-    p = sub.add_parser("export", help="write the results table as CSV")
+    p = sub.add_parser("export", help="write the results table as CSV", parents=[_common()])
     p.add_argument("--store", required=True)
     p.add_argument("--csv", required=True)
-    p = sub.add_parser("report", help="Kendall tau tables (Markdown) and figures")
+    p = sub.add_parser("report", help="Kendall tau tables (Markdown) and figures",
+                       parents=[_common()])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--store")
     src.add_argument("--csv")
@@ -183,11 +198,29 @@ _COMMANDS = {"run": _cmd_run, "list": _cmd_list, "export": _cmd_export, "report"
 
 def run_args(args: argparse.Namespace) -> int:
     """Dispatch parsed arguments (from :func:`build_parser` or :func:`add_study_command`)."""
-    command = _COMMANDS.get(getattr(args, "study_command", None))
+    name = getattr(args, "study_command", None)
+    command = _COMMANDS.get(name)
     if command is None:
         build_parser().print_help()
         return 2
-    return command(args)
+    try:
+        return command(args)
+    except Exception as e:  # noqa: BLE001 - one line for the user; --debug for the traceback
+        if getattr(args, "debug", False):
+            raise
+        print(f"softrank study {name}: error: {_message(e)} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+def _message(e: Exception) -> str:
+    """The error's own text; the type where the text alone would not say what it is."""
+    text = str(e).strip()
+    if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)) and e.filename:
+        return f"{e.filename}: {e.strerror}"
+    if isinstance(e, (ValueError, OSError, RuntimeError, MemoryError)) and text:
+        return text
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def cli_main(argv: list[str] | None = None) -> int:

@@ -17,21 +17,88 @@ values and the :class:`TrainConfig` defaults. The id of a configuration is the f
 digits of the SHA-1 of its canonical JSON (sorted keys, values cast to their declared types,
 measurement options included): the same configuration has the same id in every grid, run and
 process, so the results store can key on it.
+
+Every value of a grid is validated before anything runs, against the declared type of its
+field (integers, finite numbers, true/false, strings, lists of strings), its range, and its
+valid choices (:data:`CHOICES`); :func:`expand_grid` reports every bad value at once, each with
+its place in the grid (``vary['width'][1]``) and what it should be.
 """
 from __future__ import annotations
 
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "MeasureOptions", "HYPERPARAMETERS", "expand_grid", "load_grid",
-           "config_from_dict"]
+from ..curvature import APPROXIMATIONS
+from ..datasets import DATASET_NAMES
+from ..loo import LOO_METHODS
+
+__all__ = ["TrainConfig", "MeasureOptions", "HYPERPARAMETERS", "CHOICES", "expand_grid",
+           "load_grid", "config_from_dict"]
 
 ARCHITECTURES = ("mlp", "cnn")
 OPTIMIZERS = ("adam", "sgd")
+
+#: the valid values of the fields that take a name (each element, for the lists)
+CHOICES = {"arch": ARCHITECTURES, "optimizer": OPTIMIZERS, "dataset": DATASET_NAMES,
+           "soft_rank": APPROXIMATIONS, "tic": APPROXIMATIONS, "loo": LOO_METHODS}
+#: integer fields that may be 0 (the others must be ≥ 1)
+_NON_NEGATIVE = {"seed", "data_seed"}
+#: number fields that must be > 0 (the others only finite)
+_POSITIVE = {"weight_decay", "lr"}
+
+
+def _checked(where: str, name: str, value: Any, kind: str) -> Any:
+    """``value`` of field ``name`` (declared type ``kind``) cast to it, or a ValueError that
+    names ``where`` it is, what it is and what it should be. Fields of other types pass."""
+    def bad(want):
+        return ValueError(f"{where}: expected {want}; got {value!r}")
+
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+    elif kind == "int":
+        low = 0 if name in _NON_NEGATIVE else 1
+        ok = isinstance(value, Integral) or (isinstance(value, Real) and math.isfinite(value)
+                                             and float(value).is_integer())
+        if isinstance(value, bool) or not ok or value < low:
+            raise bad(f"an integer ≥ {low}")
+        value = int(value)
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise bad("a finite number" + (" > 0" if name in _POSITIVE else ""))
+        value = float(value)
+        if name in _POSITIVE and not value > 0:
+            raise bad("a finite number > 0")
+    elif kind == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+    elif kind == "tuple[str, ...]":
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            example = value if isinstance(value, str) else CHOICES.get(name, ("name",))[0]
+            raise bad(f'a list of names, e.g. ["{example}"]')
+        value = tuple(value)
+    else:
+        return value
+    choices = CHOICES.get(name)
+    if choices is not None:
+        unknown = [v for v in (value if isinstance(value, tuple) else (value,))
+                   if v not in choices]
+        if unknown:
+            raise ValueError(f"{where}: unknown value(s) {unknown}; valid: {list(choices)}")
+    return value
+
+
+def _validate_fields(obj, prefix: str = "") -> None:
+    """Check and cast every field of a frozen dataclass in place (see :func:`_checked`)."""
+    for f in fields(obj):
+        object.__setattr__(obj, f.name, _checked(f"{prefix}{f.name}", f.name,
+                                                 getattr(obj, f.name), f.type))
 #: configuration fields that are hyperparameters (axes of the granulated Kendall coefficient)
 HYPERPARAMETERS = ("arch", "width", "depth", "weight_decay", "lr", "batch_size", "n_train",
                    "epochs", "optimizer")
@@ -64,15 +131,7 @@ class MeasureOptions:
     batch_size: int = 256
 
     def __post_init__(self):
-        for name in ("soft_rank", "tic", "loo"):
-            object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
-        for name in ("gram_samples", "hessian_samples", "hessian_probes", "hessian_iterations",
-                     "dense_max_params", "test_samples", "ece_bins", "batch_size"):
-            value = getattr(self, name)
-            if int(value) != value or int(value) < 1:
-                raise ValueError(f"measures.{name} must be a positive integer; got {value!r}")
-            object.__setattr__(self, name, int(value))
-        object.__setattr__(self, "hessian", bool(self.hessian))
+        _validate_fields(self, "measures.")
 
 
 @dataclass(frozen=True)
@@ -102,28 +161,13 @@ class TrainConfig:
     measures: MeasureOptions = field(default_factory=MeasureOptions)
 
     def __post_init__(self):
-        casts = {"width": int, "depth": int, "batch_size": int, "n_train": int, "n_test": int,
-                 "epochs": int, "seed": int, "data_seed": int, "weight_decay": float,
-                 "lr": float, "dataset": str, "arch": str, "optimizer": str}
-        for name, cast in casts.items():
-            object.__setattr__(self, name, cast(getattr(self, name)))
         if isinstance(self.measures, dict):
+            _check_keys(self.measures, _MEASURE_FIELDS, "measures")
             object.__setattr__(self, "measures", MeasureOptions(**self.measures))
-        self._validate()
-
-    def _validate(self):
-        if self.arch not in ARCHITECTURES:
-            raise ValueError(f"arch must be one of {ARCHITECTURES}; got {self.arch!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
-        if not self.weight_decay > 0:
-            raise ValueError(f"weight_decay must be > 0 (it is the λ of the soft rank); "
-                             f"got {self.weight_decay}")
-        for name in ("width", "depth", "batch_size", "n_train", "n_test", "epochs"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0; got {self.lr}")
+        if not isinstance(self.measures, MeasureOptions):
+            raise ValueError(f"measures: expected an object of measurement options; got "
+                             f"{self.measures!r}")
+        _validate_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (JSON-ready); :func:`config_from_dict` inverts it."""
@@ -161,19 +205,89 @@ def _check_keys(d: dict, valid: set[str], what: str) -> None:
         raise ValueError(f"unknown {what} key(s) {unknown}; valid keys: {sorted(valid)}")
 
 
-def _expand_block(block: dict, measures: dict) -> list[TrainConfig]:
-    _check_keys(block, {"fixed", "vary"}, "block")
-    fixed, vary = dict(block.get("fixed", {})), dict(block.get("vary", {}))
-    _check_keys(fixed, _CONFIG_FIELDS, "fixed")
-    _check_keys(vary, _CONFIG_FIELDS, "vary")
+_FIELD_TYPES = {f.name: f.type for f in fields(TrainConfig)}
+_MEASURE_TYPES = {f.name: f.type for f in fields(MeasureOptions)}
+
+
+def _block_problems(block: Any, where: str) -> list[str]:
+    """Every problem of one block (keys, shapes, values), each naming its place."""
+    if not isinstance(block, dict):
+        return [f"{where}: expected an object with 'fixed' and/or 'vary'; got {block!r}"]
+    problems = []
+    unknown = sorted(set(block) - {"fixed", "vary"})
+    if unknown:
+        problems.append(f"{where}: unknown key(s) {unknown}; valid keys: ['fixed', 'vary']")
+    fixed, vary = block.get("fixed", {}), block.get("vary", {})
+    for name, part in (("fixed", fixed), ("vary", vary)):
+        if not isinstance(part, dict):
+            problems.append(f"{where}{name}: expected an object {{key: value}}; got {part!r}")
+    if problems:
+        return problems
+    for name, part in (("fixed", fixed), ("vary", vary)):
+        unknown = sorted(set(part) - _CONFIG_FIELDS)
+        if unknown:
+            problems.append(f"{where}{name}: unknown key(s) {unknown}; valid keys: "
+                            f"{sorted(_CONFIG_FIELDS)}")
     both = sorted(set(fixed) & set(vary))
     if both:
-        raise ValueError(f"{both} are both fixed and varied in one block")
-    for key, values in vary.items():
-        if not isinstance(values, (list, tuple)) or not values:
-            raise ValueError(f"vary[{key!r}] must be a non-empty list; got {values!r}")
+        problems.append(f"{where}: {both} are both fixed and varied")
     if "dataset" not in fixed and "dataset" not in vary:
-        raise ValueError("every block needs a 'dataset' (fixed or varied)")
+        problems.append(f"{where}: every block needs a 'dataset' (fixed or varied)")
+    for key, value in fixed.items():
+        problems += _value_problems(f"{where}fixed[{key!r}]", key, value, _FIELD_TYPES)
+    for key, values in vary.items():
+        if not isinstance(values, list) or not values:
+            problems.append(f"{where}vary[{key!r}]: expected a non-empty list of values; got "
+                            f"{values!r}")
+            continue
+        for i, value in enumerate(values):
+            problems += _value_problems(f"{where}vary[{key!r}][{i}]", key, value, _FIELD_TYPES)
+    return problems
+
+
+def _value_problems(where: str, key: str, value: Any, types: dict) -> list[str]:
+    if key not in types:
+        return []
+    try:
+        _checked(where, key, value, types[key])
+    except ValueError as e:
+        return [str(e)]
+    return []
+
+
+def _grid_problems(spec: dict) -> list[str]:
+    """Every problem of a grid dict, before any configuration is built."""
+    problems = []
+    unknown = sorted(set(spec) - {"name", "measures", "blocks", "fixed", "vary"})
+    if unknown:
+        problems.append(f"grid: unknown key(s) {unknown}; valid keys: "
+                        "['blocks', 'fixed', 'measures', 'name', 'vary']")
+    if "blocks" in spec and ({"fixed", "vary"} & set(spec)):
+        problems.append("grid: give either 'blocks' or a single top-level 'fixed'/'vary', "
+                        "not both")
+    measures = spec.get("measures", {})
+    if not isinstance(measures, dict):
+        problems.append(f"measures: expected an object {{option: value}}; got {measures!r}")
+    else:
+        unknown = sorted(set(measures) - _MEASURE_FIELDS)
+        if unknown:
+            problems.append(f"measures: unknown key(s) {unknown}; valid keys: "
+                            f"{sorted(_MEASURE_FIELDS)}")
+        for key, value in measures.items():
+            problems += _value_problems(f"measures[{key!r}]", key, value, _MEASURE_TYPES)
+    if "blocks" in spec:
+        blocks = spec["blocks"]
+        if not isinstance(blocks, list) or not blocks:
+            return problems + [f"blocks: expected a non-empty list of blocks; got {blocks!r}"]
+        for i, block in enumerate(blocks):
+            problems += _block_problems(block, f"blocks[{i}].")
+    else:
+        problems += _block_problems({k: spec[k] for k in ("fixed", "vary") if k in spec}, "")
+    return problems
+
+
+def _expand_block(block: dict, measures: dict) -> list[TrainConfig]:
+    fixed, vary = dict(block.get("fixed", {})), dict(block.get("vary", {}))
     keys = list(vary)
     base = config_from_dict({**fixed, "measures": measures,
                              "dataset": fixed.get("dataset", vary.get("dataset", [""])[0])})
@@ -182,15 +296,19 @@ def _expand_block(block: dict, measures: dict) -> list[TrainConfig]:
 
 
 def expand_grid(spec: dict[str, Any]) -> list[TrainConfig]:
-    """All configurations of a grid dict, in order, without duplicates (by id)."""
+    """All configurations of a grid dict, in order, without duplicates (by id).
+
+    The whole grid is validated first: a ValueError lists every unknown key and every bad
+    value (with its place, e.g. ``blocks[0].vary['width'][1]``, and what it should be) before
+    any configuration is built, so nothing is trained on a grid with a mistake in it."""
     if not isinstance(spec, dict):
         raise TypeError(f"a grid is a dict; got {type(spec).__name__}")
-    _check_keys(spec, {"name", "measures", "blocks", "fixed", "vary"}, "grid")
-    if "blocks" in spec and ({"fixed", "vary"} & set(spec)):
-        raise ValueError("give either 'blocks' or a single top-level 'fixed'/'vary', not both")
+    problems = _grid_problems(spec)
+    if problems:
+        raise ValueError(f"invalid grid ({len(problems)} problem"
+                         f"{'s' if len(problems) > 1 else ''}):\n  " + "\n  ".join(problems))
     blocks = spec.get("blocks") or [{k: spec[k] for k in ("fixed", "vary") if k in spec}]
     measures = dict(spec.get("measures", {}))
-    _check_keys(measures, _MEASURE_FIELDS, "measures")
     out: dict[str, TrainConfig] = {}
     for block in blocks:
         for cfg in _expand_block(block, measures):
@@ -200,9 +318,15 @@ def expand_grid(spec: dict[str, Any]) -> list[TrainConfig]:
 
 def load_grid(path: str | Path) -> tuple[dict[str, Any], list[TrainConfig]]:
     """(grid dict, its configurations) from a JSON file."""
-    text = Path(path).read_text()
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(2, "no such grid file", str(path)) from None
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
-    return spec, expand_grid(spec)
+    try:
+        return spec, expand_grid(spec)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from e
