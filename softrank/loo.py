@@ -181,7 +181,7 @@ def approx_loo(md, lam, method: str = "exact", *, n_points: int | None = None,
     md.require_labels("ApproxLOO")
     if method not in LOO_METHODS:
         raise ValueError(f"method must be one of {LOO_METHODS}; got {method!r}")
-    if memory_budget is not None or method == "exact":  # (nK)² kernel: can overflow
+    if memory_budget is not None:
         from .memory import check_loo_memory
         check_loo_memory(md, method, memory_budget, n_points=n_points,
                          preconditioner=preconditioner)

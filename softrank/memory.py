@@ -311,10 +311,12 @@ def estimate_memory(md, approximation: str = "exact", matrix: str = "fisher", *,
     return MemoryEstimate(approximation, matrix, int(sum(parts.values())), parts)
 
 
-#: advice when no alternative fits: valid for every estimator (all of them take these)
-_GENERIC_HINT = ("; nothing else fits either: reduce batch_size, estimate the curvature on fewer "
-                 "samples with n_curvature_samples (the kernels of 'gram' and of ApproxLOO's "
-                 "'exact' grow as n²), or count fewer parameters with params")
+def _hint(approximation: str) -> str:
+    """Advice when no other approximation fits, valid for every estimator (all take these)."""
+    fewer_samples = (" estimate the curvature on fewer samples with n_curvature_samples (the "
+                     "kernel grows as n²),") if approximation == "gram" else ""
+    return (f"; nothing else fits either: reduce batch_size,{fewer_samples} or count fewer "
+            "parameters with params")
 
 
 def _refuse(what: str, est: MemoryEstimate, limit: str, fits: list, hint: str):
@@ -359,7 +361,7 @@ def check_memory(md, approximation: str, matrix: str, memory_budget=None,
         if o.total <= budget:
             fits.append(f"approximation={other!r} (~{_fmt(o.total)})")
     _refuse(f"approximation={est.approximation!r} for matrix={matrix!r}", est, limit_txt, fits,
-            _GENERIC_HINT)
+            _hint(est.approximation))
 
 
 # -- approximate leave-one-out (softrank.loo.approx_loo) ------------------------------------------

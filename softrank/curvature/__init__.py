@@ -56,8 +56,7 @@ def curvature(md, matrix: str = "fisher", approximation: str = "exact", *,
     ``random_state`` seeds the labels drawn for ``fisher_mc`` (and the probes of
     ``matrix_free``); ``mc_samples`` labels per input. ``memory_budget`` (bytes or '2GB'):
     refuse with a MemoryError, before any data pass, when :func:`softrank.memory.estimate_memory`
-    says the representation needs more (None: 'dense' and 'gram', quadratic in p or n, are
-    checked against the memory available now). ``options`` go to
+    says the representation needs more. ``options`` go to
     :class:`~softrank.curvature.matfree.MatrixFreeCurvature` (n_probes, lanczos_steps, tol,
     maxiter, preconditioner, block_size).
     """
@@ -73,7 +72,7 @@ def curvature(md, matrix: str = "fisher", approximation: str = "exact", *,
         approximation = "dense" if md.n_params <= max_params or matrix == "hessian" else "gram"
     if options and approximation != "matrix_free":
         raise TypeError(f"options {sorted(options)} apply to approximation='matrix_free' only")
-    if memory_budget is not None or approximation in ("dense", "gram"):  # n², p²: can overflow
+    if memory_budget is not None:
         from ..memory import check_memory
         check_memory(md, approximation, matrix, memory_budget, max_params=max_params,
                      mc_samples=mc_samples, **options)
