@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
+from sklearn.exceptions import ConvergenceWarning
 from torch import nn
 
 from softrank import ModelData, curvature, measures
@@ -393,3 +393,67 @@ def test_ggn_operator_kept_for_loo(store):
     expected = torch.linalg.solve(ref.F + LAM * torch.eye(md.n_params, dtype=v.dtype), v)
     assert_rel(op.solve(v, LAM), expected, tol=1e-9, what="GGNOperator.solve")
     assert op.last_cg.converged.all() and op.n_matvec == op.last_cg.iterations
+
+
+# ------------------------------------------------------------------ honest error bars, warnings
+def test_rounding_of_the_products_enters_the_error_bars():
+    """Products accurate only to a relative δ (a float32 model): Lanczos' Ritz bound and an
+    exact Hutch++ would claim ~0 error; the rounding term δ·‖M‖ (Weyl) must cover a perturbed
+    operator's eigenvalue and trace."""
+    M = psd_matrix(p=30)
+    delta = float(torch.finfo(torch.float32).eps)
+    gen = torch.Generator().manual_seed(0)
+    E = torch.randn(30, 30, generator=gen, dtype=torch.float64)
+    E = (E + E.T) / 2
+    E *= 0.5 * delta * float(torch.linalg.matrix_norm(M, 2)) / float(torch.linalg.matrix_norm(E, 2))
+    top = float(torch.linalg.eigvalsh(M + E).max())
+    est = lanczos_eigenvalues(lambda X: (M + E) @ X, 30, steps=30, random_state=0,
+                              matvec_rtol=delta)
+    exact_top = float(torch.linalg.eigvalsh(M).max())
+    assert est.converged and est.diagnostics["ritz_bounds"][0] < 1e-12
+    assert abs(est.value - top) < 1e-10  # Lanczos found the perturbed operator's eigenvalue ...
+    assert abs(est.value - exact_top) <= est.stderr  # ... and the bar covers M's
+    assert est.stderr == pytest.approx(delta * abs(est.value), rel=1e-6)
+    tr = hutchpp(lambda X: (M + E) @ X, 30, 90, random_state=0, matvec_rtol=delta)
+    assert tr.diagnostics["probes"] == 0 and tr.stderr > 0  # exact sketch, rounding only
+    assert abs(tr.value - float(M.trace())) <= tr.stderr
+    plain = hutchpp(lambda X: M @ X, 30, 90, random_state=0)
+    assert plain.stderr == 0.0
+
+
+def test_one_probe_has_no_error_bar_and_is_not_converged():
+    M = psd_matrix()
+    est = hutchinson(lambda X: M @ X, 40, 1, random_state=0)
+    assert est.stderr == np.inf and not est.converged
+    assert hutchinson(lambda X: M @ X, 40, 5, random_state=0).converged
+
+
+@pytest.mark.parametrize("what, kw, call, advice", [
+    ("lanczos", {"lanczos_steps": 2}, lambda M: M.spectral_norm(), "raise lanczos_steps"),
+    ("slq", {"lanczos_steps": 2, "n_probes": 40}, lambda M: M.soft_rank(LAM),
+     "quadrature error exceeds the sampling error"),
+    ("cg", {"maxiter": 2, "tol": 1e-12},
+     lambda M: M.solve(torch.ones(M.n_params, dtype=torch.float64), LAM),
+     "relative residual"),
+])
+def test_unconverged_matrix_free_estimates_warn(store, what, kw, call, advice):
+    md = one_batch(store, "mlp-ce")
+    M = curvature(md, "fisher", "matrix_free", random_state=0, **kw)
+    with pytest.warns(ConvergenceWarning, match=advice):
+        call(M)
+    assert not M.last_estimate.converged
+    converged = curvature(md, "fisher", "matrix_free", random_state=0, n_probes=5,
+                          lanczos_steps=md.n_params, maxiter=md.n_params * 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        call(converged)
+    assert converged.last_estimate.converged
+
+
+def test_ggn_operator_leaves_convergence_reporting_to_its_caller(store):
+    md = one_batch(store, "mlp-ce")
+    op = GGNOperator(md, tol=1e-14, maxiter=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        op.solve(torch.ones(md.n_params, dtype=torch.float64), LAM)
+    assert not op.last_cg.converged.all()
