@@ -472,3 +472,208 @@ def test_write_csv_is_atomic_on_error(tmp_path):
         write_csv(path, [{"a": Boom()}])
     assert read_csv(path) == [{"a": 1}]
     assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]
+
+
+# -- the whole grid is validated before anything runs ----------------------------------------------
+_DIGITS = {"dataset": "digits"}
+
+
+@pytest.mark.parametrize("spec, where, value", [
+    ({"fixed": _DIGITS, "measures": {"soft_rank": ["kfc"]}}, "measures['soft_rank']", "'kfc'"),
+    ({"fixed": _DIGITS, "measures": {"loo": ["gram"]}}, "measures['loo']", "'gram'"),
+    ({"fixed": _DIGITS, "measures": {"soft_rank": "kfac"}}, "measures['soft_rank']",
+     '["kfac"]'),
+    ({"fixed": _DIGITS, "measures": {"hessian": "no"}}, "measures['hessian']", "'no'"),
+    ({"fixed": {**_DIGITS, "width": 8.7}}, "fixed['width']", "8.7"),
+    ({"fixed": {**_DIGITS, "epochs": True}}, "fixed['epochs']", "True"),
+    ({"fixed": _DIGITS, "vary": {"width": [4, "wide"]}}, "vary['width'][1]", "'wide'"),
+    ({"fixed": {**_DIGITS, "weight_decay": float("inf")}}, "fixed['weight_decay']", "inf"),
+    ({"fixed": {**_DIGITS, "lr": float("nan")}}, "fixed['lr']", "nan"),
+    ({"fixed": {"dataset": "mnst"}}, "fixed['dataset']", "'mnst'"),
+    ({"fixed": {**_DIGITS, "seed": -1}}, "fixed['seed']", "-1"),
+    ({"fixed": _DIGITS, "measures": {"gram_samples": 0}}, "measures['gram_samples']", "0"),
+    ({"blocks": [{"fixed": _DIGITS}, {"fixed": {**_DIGITS, "optimizer": "lbfgs"}}]},
+     "blocks[1].fixed['optimizer']", "'lbfgs'"),
+    ({"fixed": _DIGITS, "vary": {"width": 8}}, "vary['width']", "8"),
+    ({"blocks": "abc"}, "blocks", "'abc'"),
+])
+def test_grid_values_are_checked_naming_key_and_value(spec, where, value):
+    with pytest.raises(ValueError) as info:
+        expand_grid(spec)
+    msg = str(info.value)
+    assert where in msg and value in msg, msg
+
+
+def test_every_problem_of_a_grid_is_reported_at_once():
+    spec = {"fixed": {**_DIGITS, "width": 8.7}, "vary": {"lr": [1e-3, "x"]},
+            "measures": {"soft_rank": ["kfc"], "hessian": 1}}
+    with pytest.raises(ValueError, match=r"invalid grid \(4 problems\)") as info:
+        expand_grid(spec)
+    for where in ("fixed['width']", "vary['lr'][1]", "measures['soft_rank']",
+                  "measures['hessian']"):
+        assert where in str(info.value)
+
+
+def test_valid_values_keep_their_types_and_ids():
+    a = expand_grid({"fixed": {**_DIGITS, "width": 8.0, "weight_decay": 1},
+                     "measures": {"soft_rank": ("kfac",), "hessian": False}})[0]
+    b = expand_grid({"fixed": {**_DIGITS, "width": 8, "weight_decay": 1.0},
+                     "measures": {"soft_rank": ["kfac"], "hessian": False}})[0]
+    assert a.id == b.id and isinstance(a.width, int) and isinstance(a.weight_decay, float)
+    assert a.measures.soft_rank == ("kfac",)
+    with pytest.raises(ValueError, match="width: expected an integer"):
+        TrainConfig("digits", width="wide")  # the same checks from Python
+
+
+# -- a damaged store and the command line -----------------------------------------------------------
+def test_a_file_that_is_not_a_store_gives_a_clear_error(tmp_path):
+    from softrank.study.store import StoreError
+
+    path = tmp_path / "s.sqlite"
+    path.write_bytes(b"not a database " * 100)
+    with pytest.raises(StoreError, match=r"s\.sqlite: not a usable results store .*Move the "):
+        ResultStore(path)
+    with pytest.raises(StoreError, match="is a folder"):
+        ResultStore(tmp_path)
+
+
+def test_a_damaged_row_is_left_out_and_computed_again(tmp_path):
+    path = tmp_path / "s.sqlite"
+    with ResultStore(path) as store:
+        store.add("a", {"w": 1}, {"config_id": "a", "x": 1.0})
+        store.add("b", {"w": 2}, {"config_id": "b", "x": 2.0})
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE results SET row = '{\"config_id\": \"b\", \"x\": ' "
+                     "WHERE config_id = 'b'")
+    with ResultStore(path) as store:
+        assert store.damaged_ids() == ["b"] and store.done_ids() == {"a"}
+        with pytest.warns(RuntimeWarning, match=r"1 stored row\(s\) cannot be read.*'b'"):
+            assert [r["config_id"] for r in store.rows()] == ["a"]
+        with pytest.warns(RuntimeWarning, match="cannot be read"):
+            assert cli_main(["export", "--store", str(path), "--csv",
+                             str(tmp_path / "t.csv")]) == 0
+        assert [r["config_id"] for r in read_csv(tmp_path / "t.csv")] == ["a"]
+        configs = [TrainConfig("digits"), TrainConfig("digits", width=4)]
+        with sqlite3.connect(path) as conn:  # a configuration of the grid, damaged
+            conn.execute("INSERT INTO results VALUES (?, '{}', 'null', 0)", (configs[0].id,))
+        assert store.damaged_ids() == ["b", configs[0].id]
+        with pytest.warns(RuntimeWarning, match="computed again"):
+            summary = run_study(configs, store, backend="serial", progress=False,
+                                job=_constant_job)
+        assert summary.n_written == 2 and store.damaged_ids() == []
+        assert {r["width"] for r in store.rows() if "width" in r} == {128, 4}
+
+
+def _constant_job(config, torch_threads=1, data_root=None):
+    return {"width": config["width"], "x": 1.0}
+
+
+def test_cli_errors_are_one_line_naming_the_file_and_debug_shows_the_traceback(tmp_path,
+                                                                               capsys):
+    grid = tmp_path / "g.json"
+    grid.write_text(json.dumps({"fixed": {**_DIGITS, "width": 8.7}}))
+    bad_store = tmp_path / "bad.sqlite"
+    bad_store.write_bytes(b"garbage" * 100)
+    cases = [(["run", str(grid), "--store", str(tmp_path / "s.sqlite")], "fixed['width']"),
+             (["run", str(tmp_path / "none.json"), "--store", str(tmp_path / "s.sqlite")],
+              "no such grid file"),
+             (["export", "--store", str(bad_store), "--csv", str(tmp_path / "o.csv")],
+              "not a usable results store"),
+             (["list", str(grid)], "g.json")]
+    for argv, what in cases:
+        assert cli_main(argv) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and what in err and "--debug" in err, err
+        assert err.startswith("softrank study ")
+    with pytest.raises(ValueError, match="fixed\\['width'\\]"):
+        cli_main(["run", str(grid), "--store", str(tmp_path / "s.sqlite"), "--debug"])
+
+
+def test_cli_failed_model_is_one_line(tmp_path, capsys, monkeypatch):
+    import softrank.study.runner as runner
+
+    def crash(config, torch_threads=1, data_root=None):
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(runner, "run_config", crash)
+    monkeypatch.setattr(runner.run_study, "__kwdefaults__",
+                        {**runner.run_study.__kwdefaults__, "job": crash})
+    grid = tmp_path / "g.json"
+    grid.write_text(json.dumps({"fixed": _DIGITS}))
+    argv = ["run", str(grid), "--store", str(tmp_path / "s.sqlite"), "--backend", "serial",
+            "--no-progress"]
+    assert cli_main(argv) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "RuntimeError: simulated crash" in last and "--errors skip" in last
+
+
+# -- dead processes (joblib) ---------------------------------------------------------------------
+def _suicidal_job(config, torch_threads=1, data_root=None):
+    """The width-8 configuration kills its own worker (as kill -9 or the OOM killer would)."""
+    if config["width"] == 8:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"width": config["width"], "pid": os.getpid()}
+
+
+@pytest.mark.slow
+def test_a_killed_worker_becomes_a_failed_row_not_an_abort(tmp_path):
+    configs = expand_grid({"fixed": _DIGITS, "vary": {"width": [4, 8, 16, 32]}})
+    summary = run_study(configs, tmp_path / "s.sqlite", backend="joblib", n_jobs=2,
+                        errors="skip", progress=False, job=_suicidal_job)
+    killer = next(c.id for c in configs if c.width == 8)
+    assert summary.n_written == 3 and list(summary.failures) == [killer]
+    assert "died twice" in summary.failures[killer]
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        assert sorted(r["width"] for r in store.rows()) == [4, 16, 32]
+    with pytest.raises(StudyJobError, match="died twice"):
+        run_study(configs, tmp_path / "s.sqlite", backend="joblib", n_jobs=2, progress=False,
+                  job=_suicidal_job)
+
+
+_SLEEPER = """
+import os, sys, time
+sys.path.insert(0, {root!r})
+from softrank.study import expand_grid, run_study
+
+def sleeper(config, torch_threads=1, data_root=None):
+    open(os.path.join({pids!r}, str(os.getpid())), "w").close()
+    time.sleep(120)
+    return {{}}
+
+if __name__ == "__main__":
+    configs = expand_grid({{"fixed": {{"dataset": "digits"}}, "vary": {{"width": [4, 8, 16]}}}})
+    run_study(configs, {store!r}, backend="joblib", n_jobs=2, progress=False, job=sleeper)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc").exists(), reason="reads /proc")
+def test_workers_exit_when_the_driver_is_killed(tmp_path):
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    script = tmp_path / "driver.py"
+    script.write_text(_SLEEPER.format(root=str(ROOT), pids=str(pids),
+                                      store=str(tmp_path / "s.sqlite")))
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = [int(p.name) for p in pids.iterdir()]
+        assert len(workers) == 2, "the workers did not start"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 20
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers), "workers outlived their driver"
