@@ -283,7 +283,9 @@ class GenericGGN(LossFamily):
         self.targets = targets
         self.reason = reason or (f"criterion {type(criterion).__name__} is not in the family "
                                  "table")
-        self._by_dtype: dict = {}
+        # copies made here, not on first use: one made inside a torch.func transform (the
+        # factor's vmap(hessian)) would carry that transform's tensors out of it
+        self._by_dtype = {dt: self._copy(dt) for dt in (torch.float32, torch.float64)}
 
     def prepare_target(self, y, z):
         return y if self.targets is None else self.targets.prepare_target(y, z)
@@ -292,13 +294,16 @@ class GenericGGN(LossFamily):
         if self.targets is not None:
             self.targets.check_target(y, z)
 
-    def _criterion(self, dtype):
+    def _copy(self, dtype):
         """A private copy with reduction='none' and its buffers (weights) in ``dtype``."""
+        crit = copy.deepcopy(self.criterion)
+        if hasattr(crit, "reduction"):
+            crit.reduction = "none"
+        return crit.to(dtype)
+
+    def _criterion(self, dtype):
         if dtype not in self._by_dtype:
-            crit = copy.deepcopy(self.criterion)
-            if hasattr(crit, "reduction"):
-                crit.reduction = "none"
-            self._by_dtype[dtype] = crit.to(dtype) if dtype.is_floating_point else crit
+            self._by_dtype[dtype] = self._copy(dtype)
         return self._by_dtype[dtype]
 
     def loss(self, z, y):
