@@ -240,7 +240,7 @@ def temperature_measures(estimator, X, y, temperature: float = 1.0, X_test=None,
     md = _model_data(estimator, Xc, yc, temperature, **kw)[0]
     md.n_train = full.n_train
     if lam == "auto":
-        lam = sk.weight_decay_lam(net, md.param_names)
+        lam = sk.weight_decay_lam(net, md.param_names, md)
     res = soft_rank_gap(md, lam, approximation, random_state=random_state)
     out = TemperatureMeasures(
         temperature=float(temperature), train_loss=sk.mean_loss(full),

@@ -238,7 +238,7 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
     def _resolve_lam(self, net, md):
         if not self._needs_lam:
             return None
-        lam = sk.weight_decay_lam(net, md.param_names) if _is_auto(self.lam) else self.lam
+        lam = sk.weight_decay_lam(net, md.param_names, md) if _is_auto(self.lam) else self.lam
         as_lam(lam, md.param_names, md.sizes)  # clear error for λ ≤ 0, unknown names, shapes
         return lam
 

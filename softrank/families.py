@@ -1,4 +1,4 @@
-r"""Loss families: from a criterion to the output-space quantities of SPEC §3.
+r"""Loss families: from a criterion to the output-space curvature of the measures.
 
 For a network output :math:`z_i` (the natural parameter of the predictive distribution) a
 family gives
@@ -15,6 +15,7 @@ which is flagged ``is_fisher = False``.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -23,12 +24,37 @@ from torch.nn import functional as Fn
 
 __all__ = [
     "LossFamily", "Categorical", "Bernoulli", "Gaussian", "Poisson", "GenericGGN", "family_for",
-    "UnsupportedCriterionError",
+    "UnsupportedCriterionError", "ANY_CRITERION_MEASURES",
 ]
 
 
+def _top_mask(z: torch.Tensor) -> torch.Tensor:
+    """(N, K) bool: one True per row, at the (first) largest entry."""
+    return torch.arange(z.shape[1], device=z.device) == z.argmax(1, keepdim=True)
+
+
+def _logsumexp(z: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log\sum_k e^{z_k}` per row, accurate when one logit dominates:
+    :math:`m + \operatorname{log1p}(\sum_{k\ne a} e^{z_k-m})` with :math:`m = z_a` the largest,
+    so a cross-entropy of 1e-12 keeps its digits (``torch.logsumexp`` rounds
+    :math:`1 + 10^{-12}` first)."""
+    top = _top_mask(z)
+    m = z.max(1, keepdim=True).values
+    rest = torch.where(top, torch.expm1(z - m), torch.exp(z - m)).sum(1)
+    return m.squeeze(1) + torch.log1p(rest)
+
+
+def _one_minus_softmax(z: torch.Tensor) -> torch.Tensor:
+    r""":math:`1 - \pi_k` per entry, for the largest class as :math:`\sum_{j\ne a}\pi_j`
+    (no cancellation when :math:`\pi_a \approx 1`)."""
+    top = _top_mask(z)
+    e = torch.exp(z - z.max(1, keepdim=True).values)
+    total = e.sum(1, keepdim=True)
+    return torch.where(top, e.masked_fill(top, 0.0).sum(1, keepdim=True) / total, 1.0 - e / total)
+
+
 class UnsupportedCriterionError(TypeError):
-    """A Fisher-based measure was asked of a criterion outside the family table (SPEC §3)."""
+    """A Fisher-based measure was asked of a criterion outside the family table."""
 
 
 class LossFamily:
@@ -80,12 +106,6 @@ class Categorical(LossFamily):
 
     name = "categorical"
 
-    def __init__(self, label_smoothing: float = 0.0, weight: torch.Tensor | None = None):
-        if label_smoothing or weight is not None:
-            raise UnsupportedCriterionError(
-                "CrossEntropyLoss with label_smoothing or class weights is not an exponential-family "
-                "likelihood; use the plain criterion for Fisher-based measures.")
-
     def prepare_target(self, y, z):
         return y.reshape(-1).long()
 
@@ -100,12 +120,13 @@ class Categorical(LossFamily):
                 f"0..{K - 1}; got values in {int(y.min())}..{int(y.max())}")
 
     def loss(self, z, y):
-        return Fn.cross_entropy(z, y, reduction="none")
+        return _logsumexp(z) - z.gather(1, y.unsqueeze(1)).squeeze(1)
 
     def residual(self, z, y):
-        r = torch.softmax(z, dim=1)
-        r[torch.arange(len(y)), y] -= 1.0
-        return r
+        p = torch.softmax(z, dim=1)
+        target = torch.arange(z.shape[1], device=z.device) == y.unsqueeze(1)
+        # π_y − 1 = −Σ_{k≠y} π_k: no cancellation when π_y ≈ 1 (confident nets)
+        return torch.where(target, -p.masked_fill(target, 0.0).sum(1, keepdim=True), p)
 
     def factor(self, z, y=None):
         r"""(N, K, K−1): A has rank K−1 (:math:`A\sqrt\pi = 0`), so
@@ -117,7 +138,8 @@ class Categorical(LossFamily):
         stable for any π). One column fewer: K−1 backward passes and Gram rows per sample."""
         p = torch.softmax(z, dim=1)
         s = p.sqrt()
-        B0 = torch.diag_embed(s) - p.unsqueeze(2) * s.unsqueeze(1)
+        B0 = -p.unsqueeze(2) * s.unsqueeze(1)
+        B0.diagonal(dim1=1, dim2=2).copy_(s * _one_minus_softmax(z))  # √π_k(1 − π_k)
         K = z.shape[1]
         if K == 1:
             return B0  # a single class: A = 0
@@ -151,11 +173,11 @@ class Bernoulli(LossFamily):
         return Fn.binary_cross_entropy_with_logits(z, y, reduction="none").mean(1)
 
     def residual(self, z, y):
-        return (torch.sigmoid(z) - y) / z.shape[1]
+        # σ(z) − y = (1 − y)σ(z) − yσ(−z): no cancellation when σ(z) ≈ y
+        return ((1 - y) * torch.sigmoid(z) - y * torch.sigmoid(-z)) / z.shape[1]
 
     def factor(self, z, y=None):
-        p = torch.sigmoid(z)
-        return torch.diag_embed((p * (1 - p) / z.shape[1]).sqrt())
+        return torch.diag_embed((torch.sigmoid(z) * torch.sigmoid(-z) / z.shape[1]).sqrt())
 
     def sample(self, z, generator=None):
         return torch.bernoulli(torch.sigmoid(z.double()), generator=generator).to(z.dtype)
@@ -198,10 +220,14 @@ class Gaussian(LossFamily):
 
 
 class Poisson(LossFamily):
-    r"""PoissonNLLLoss(log_input=True, full=False) on log-rates: :math:`\ell = e^z - yz`,
+    r"""PoissonNLLLoss(log_input=True) on log-rates: :math:`\ell = e^z - yz` (``full=True``
+    adds Stirling's approximation of :math:`\log y!`, constant in z),
     :math:`A = \mathrm{diag}(e^z)`, :math:`r = e^z - y`."""
 
     name = "poisson"
+
+    def __init__(self, full: bool = False):
+        self.full = bool(full)
 
     def prepare_target(self, y, z):
         return y.reshape(z.shape).to(z.dtype)
@@ -213,6 +239,8 @@ class Poisson(LossFamily):
             raise ValueError("PoissonNLLLoss needs non-negative count targets")
 
     def loss(self, z, y):
+        if self.full:
+            return Fn.poisson_nll_loss(z, y, log_input=True, full=True, reduction="none").mean(1)
         return (torch.exp(z) - y * z).mean(1)
 
     def residual(self, z, y):
@@ -232,27 +260,56 @@ class Poisson(LossFamily):
 class GenericGGN(LossFamily):
     r"""Any other twice-differentiable criterion: :math:`A_i` from autograd (the generalized
     Gauss–Newton factor). Not a Fisher: calibration readings (rank/n as a gap) do not apply.
-    Negative curvature of :math:`A_i` is clipped to zero so that the GGN stays PSD."""
+    Negative curvature of :math:`A_i` is clipped to zero so that the GGN stays PSD.
+
+    Parameters
+    ----------
+    criterion : nn.Module
+        The loss as trained (options such as ``label_smoothing``, class ``weight`` or
+        ``pos_weight`` included); evaluated with ``reduction='none'`` in the dtype of z.
+    targets : LossFamily, optional
+        The family whose label handling (``prepare_target``, ``check_target``) applies, e.g.
+        :class:`Categorical` for a ``CrossEntropyLoss`` with label smoothing.
+    reason : str, optional
+        Why the criterion is outside the family table (used in error messages).
+    """
 
     name = "generic"
     is_fisher = False
 
-    def __init__(self, criterion: nn.Module):
+    def __init__(self, criterion: nn.Module, targets: LossFamily | None = None,
+                 reason: str | None = None):
         self.criterion = criterion
+        self.targets = targets
+        self.reason = reason or (f"criterion {type(criterion).__name__} is not in the family "
+                                 "table")
+        # copies made here, not on first use: one made inside a torch.func transform (the
+        # factor's vmap(hessian)) would carry that transform's tensors out of it
+        self._by_dtype = {dt: self._copy(dt) for dt in (torch.float32, torch.float64)}
 
     def prepare_target(self, y, z):
-        return y
+        return y if self.targets is None else self.targets.prepare_target(y, z)
+
+    def check_target(self, y, z):
+        if self.targets is not None:
+            self.targets.check_target(y, z)
+
+    def _copy(self, dtype):
+        """A private copy with reduction='none' and its buffers (weights) in ``dtype``."""
+        crit = copy.deepcopy(self.criterion)
+        if hasattr(crit, "reduction"):
+            crit.reduction = "none"
+        return crit.to(dtype)
+
+    def _criterion(self, dtype):
+        if dtype not in self._by_dtype:
+            self._by_dtype[dtype] = self._copy(dtype)
+        return self._by_dtype[dtype]
 
     def loss(self, z, y):
-        crit = self.criterion
-        old = getattr(crit, "reduction", None)
-        try:
-            if old is not None:
-                crit.reduction = "none"
-            out = crit(z, y)
-        finally:
-            if old is not None:
-                crit.reduction = old
+        if y.is_floating_point():
+            y = y.to(z.dtype)
+        out = self._criterion(z.dtype)(z, y)
         return out.reshape(len(z), -1).mean(1)
 
     def factor(self, z, y=None):
@@ -266,37 +323,63 @@ class GenericGGN(LossFamily):
 
     def sample(self, z, generator=None):
         raise UnsupportedCriterionError(
-            f"{type(self.criterion).__name__} has no predictive distribution to sample from; "
-            "use the exact Fisher (GGN) instead of a sampled one")
+            f"{type(self.criterion).__name__} has no predictive distribution to sample from "
+            f"({self.reason}); use the exact Fisher (GGN) instead of a sampled one")
+
+    def __repr__(self) -> str:
+        return f"GenericGGN({self.criterion!r})"
+
+
+#: the measures that work for any twice-differentiable criterion, named in refusals
+ANY_CRITERION_MEASURES = ("HessianNorm, TIC(variant='hessian') and ApproxLOO (and the GGN "
+                          "curvature itself: softrank.curvature(md, 'fisher', ...))")
+
+
+def _outside_table(crit: nn.Module) -> str | None:
+    """Why a criterion of a table class is not that family's likelihood (None if it is)."""
+    opts = []
+    if getattr(crit, "label_smoothing", 0.0):
+        opts.append(f"label_smoothing={crit.label_smoothing}")
+    if getattr(crit, "weight", None) is not None:
+        opts.append("weight=... (class or element weights)")
+    if getattr(crit, "pos_weight", None) is not None:
+        opts.append("pos_weight=...")
+    if isinstance(crit, nn.PoissonNLLLoss) and not crit.log_input:
+        opts.append("log_input=False")
+    if not opts:
+        return None
+    return f"{type(crit).__name__}({', '.join(opts)}) is not an exponential-family likelihood"
 
 
 def family_for(criterion: nn.Module | type, *, require_fisher: bool = False) -> LossFamily:
     """The :class:`LossFamily` of a criterion (instance or class).
 
-    ``require_fisher=True`` raises :class:`UnsupportedCriterionError` for criteria outside the
-    family table of SPEC §3 (the Fisher-based measures need one).
+    Criteria of the family table with their plain likelihood get their family; every other
+    criterion — other classes, and table classes with options that change the likelihood
+    (``label_smoothing``, class ``weight``, ``pos_weight``, ``PoissonNLLLoss(log_input=False)``)
+    — gets :class:`GenericGGN`. ``require_fisher=True`` raises
+    :class:`UnsupportedCriterionError` for those instead, naming the measures that still work.
+    ``ignore_index`` is handled by :class:`~softrank.model.ModelData` (ignored samples are
+    dropped) and ``reduction`` does not change the per-sample loss.
     """
     crit = criterion() if isinstance(criterion, type) else criterion
-    if isinstance(crit, nn.CrossEntropyLoss):
-        return Categorical(crit.label_smoothing, crit.weight)
-    if isinstance(crit, nn.NLLLoss):
-        return Categorical(0.0, crit.weight)
-    if isinstance(crit, nn.BCEWithLogitsLoss):
-        if crit.weight is not None or crit.pos_weight is not None:
-            raise UnsupportedCriterionError(
-                "BCEWithLogitsLoss with weight/pos_weight is not a Bernoulli likelihood")
-        return Bernoulli()
-    if isinstance(crit, nn.MSELoss):
-        return Gaussian()
-    if isinstance(crit, nn.PoissonNLLLoss):
-        if not crit.log_input or crit.full:
-            raise UnsupportedCriterionError(
-                "PoissonNLLLoss is supported with log_input=True, full=False (z = log-rate)")
-        return Poisson()
+    table = {nn.CrossEntropyLoss: Categorical, nn.NLLLoss: Categorical,
+             nn.BCEWithLogitsLoss: Bernoulli, nn.MSELoss: Gaussian, nn.PoissonNLLLoss: Poisson}
+    kind = next((fam for cls, fam in table.items() if isinstance(crit, cls)), None)
+    reason = None if kind is None else _outside_table(crit)
+    if kind is Poisson and reason is None:
+        return Poisson(full=crit.full)
+    if kind is not None and reason is None:
+        return kind()
+    if reason is None:
+        reason = (f"criterion {type(crit).__name__} is not in softrank's family table "
+                  "(CrossEntropyLoss, NLLLoss, BCEWithLogitsLoss, MSELoss, "
+                  "PoissonNLLLoss(log_input=True))")
     if require_fisher:
         raise UnsupportedCriterionError(
-            f"criterion {type(crit).__name__} is not in softrank's family table (CrossEntropyLoss, "
-            "NLLLoss, BCEWithLogitsLoss, MSELoss, PoissonNLLLoss(log_input=True)); Fisher-based "
-            "measures (soft rank, TIC-Fisher, trace ratio, ApproxLOO) need one. Use a supported "
-            "criterion, or the Hessian-based measures (HessianNorm, TIC(variant='hessian')).")
-    return GenericGGN(crit)
+            f"{reason}, and the Fisher-based measures (SoftRankFIM, TraceRatio, "
+            "TIC(variant='fisher'), the sampled Fisher) need a likelihood of that table. "
+            f"Measures that work for any twice-differentiable criterion: {ANY_CRITERION_MEASURES}"
+            "; or train with the plain criterion.")
+    targets = kind() if kind is not None else None
+    return GenericGGN(crit, targets, reason)

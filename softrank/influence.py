@@ -187,7 +187,7 @@ def rank_samples(estimator, X, y=None, *, score: str = "tic", lam="auto",
         raise ValueError(f"score={score!r} needs the labels y; score='leverage' needs none")
     md, net = sk.model_data(estimator, X, y, params=params, batch_size=batch_size, device=device)
     if lam == "auto":
-        lam = sk.weight_decay_lam(net, md.param_names)
+        lam = sk.weight_decay_lam(net, md.param_names, md)
     s = _contributions(md, score, lam, approximation, random_state).double().numpy()
     return SampleRanking(scores=s, order=np.argsort(-s, kind="stable"), score=score,
                          total=float(s.sum()), lam=lam, approximation=approximation)

@@ -1,4 +1,4 @@
-r"""Measures (SPEC §4) as plain functions of a :class:`~softrank.model.ModelData`.
+r"""Measures as plain functions of a :class:`~softrank.model.ModelData`.
 
 Each returns a frozen :class:`MeasureResult` — the value, the generalization-gap estimate in
 loss units where the measure defines one, n, λ, the approximation and diagnostics.
@@ -34,7 +34,8 @@ from .curvature import Curvature, DenseCurvature, curvature
 from .curvature.dense import DEFAULT_MAX_PARAMS
 
 __all__ = ["MeasureResult", "soft_rank", "soft_rank_gap", "tic", "trace_ratio",
-           "hessian_norms", "effective_dimension", "IndefiniteWarning", "HESSIAN_ORDS"]
+           "calibration_ratio", "hessian_norms", "effective_dimension", "IndefiniteWarning",
+           "DegenerateCurvatureWarning", "HESSIAN_ORDS"]
 
 
 class IndefiniteWarning(RuntimeWarning):
@@ -66,11 +67,37 @@ def _lam_repr(L):
     return L.describe()
 
 
+class DegenerateCurvatureWarning(RuntimeWarning):
+    """Tr C or Tr F is exactly zero, so the trace ratio α = Tr C / Tr F is set by convention."""
+
+
 def traces(md, *, memory_budget=None) -> tuple[float, float]:
     """Exact (Tr C, Tr F) from the diagonals (one pass each)."""
     tr_c = curvature(md, "gsm", "diagonal", memory_budget=memory_budget).trace()
     tr_f = curvature(md, "fisher", "diagonal", memory_budget=memory_budget).trace()
     return tr_c, tr_f
+
+
+def calibration_ratio(tr_c: float, tr_f: float) -> float:
+    r""":math:`\alpha = \mathrm{Tr}\,C/\mathrm{Tr}\,F`, defined where a trace vanishes.
+
+    A net that fits every training label with saturated outputs (training loss 0 in floating
+    point) has C = 0: no gradient, so every C-based estimate (α, the soft-rank gap, TIC) is 0,
+    and α = 0 is returned, also when F = 0 too. Tr F = 0 with Tr C > 0 (saturated outputs on
+    wrong labels) gives α = inf. Both warn (:class:`DegenerateCurvatureWarning`): on such nets
+    the C-based estimates collapse, and :func:`softrank.loo.approx_loo` (``ApproxLOO``) is the
+    estimate that keeps working.
+    """
+    if tr_f > 0 and tr_c > 0:
+        return tr_c / tr_f
+    alpha = 0.0 if tr_c == 0 else float("inf")
+    warnings.warn(
+        f"Tr C = {tr_c:.3g} and Tr F = {tr_f:.3g}: the network's outputs are saturated on the "
+        f"data (training loss 0 in floating point), so α = Tr C / Tr F is set to {alpha} and "
+        "the C-based gap estimates (soft-rank gap, TIC, trace ratio) are "
+        f"{'0' if alpha == 0 else 'infinite'}; on such interpolating nets use ApproxLOO",
+        DegenerateCurvatureWarning, stacklevel=3)
+    return alpha
 
 
 def soft_rank(md, lam, approximation: str = "exact", matrix: str = "fisher", *,
@@ -94,14 +121,14 @@ def soft_rank(md, lam, approximation: str = "exact", matrix: str = "fisher", *,
         diag["calibrated_gap"] = value / md.n_train
         if md.y is not None and md.family.is_fisher:
             tr_c, tr_f = traces(md, memory_budget=memory_budget)
-            alpha = tr_c / tr_f
+            alpha = calibration_ratio(tr_c, tr_f)
             diag.update(trace_C=tr_c, trace_F=tr_f, alpha=alpha)
-            gap = alpha * value / md.n_train
+            gap = alpha * value / md.n_train if alpha < float("inf") else alpha
     return MeasureResult("soft_rank", value, gap, md.n_train, _lam_repr(L), M.approximation, diag)
 
 
 def soft_rank_gap(md, lam, approximation: str = "exact", **kw) -> MeasureResult:
-    """The soft-rank gap estimate (SPEC §1); same as :func:`soft_rank` on F, labels required."""
+    """The soft-rank gap estimate; same as :func:`soft_rank` on F, labels required."""
     md.require_labels("the soft-rank gap estimate")
     md.require_fisher("the soft-rank gap estimate")
     return soft_rank(md, lam, approximation, "fisher", **kw)
@@ -167,7 +194,7 @@ def trace_ratio(md, *, memory_budget=None) -> MeasureResult:
     md.require_labels("the trace ratio")
     md.require_fisher("the trace ratio")
     tr_c, tr_f = traces(md, memory_budget=memory_budget)
-    value = tr_c / tr_f
+    value = calibration_ratio(tr_c, tr_f)
     return MeasureResult("trace_ratio", value, value / md.n_train, md.n_train, None, "exact",
                          {"trace_C": tr_c, "trace_F": tr_f})
 
@@ -212,7 +239,7 @@ def hessian_norms(md, ord: str = "trace", *, max_params: int = DEFAULT_MAX_PARAM
 def effective_dimension(md, lam, approximation: str = "exact", matrix: str = "fisher",
                         **kw) -> MeasureResult:
     r"""Log-det effective dimension :math:`\sum_j \log(1+\sigma_j/\lambda)` (concave trace
-    family, SPEC §4)."""
+    family)."""
     M = curvature(md, matrix, approximation, **kw)
     L = M.lam(lam)
     value = M.logdet_dim(L)

@@ -54,6 +54,27 @@ def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
     return all(bool(torch.isfinite(t[i:i + rows]).all()) for i in range(0, len(t), rows))
 
 
+def _check_outputs(z: torch.Tensor, rows) -> None:
+    """Raise a clear error when network outputs are NaN or inf (before any curvature)."""
+    bad = ~torch.isfinite(z.detach()).all(1)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        first = (rows.start or 0) + i if isinstance(rows, slice) else int(rows[i])
+        raise ValueError(
+            f"the network outputs z (the criterion's input) are NaN or inf for {int(bad.sum())} "
+            f"of {len(z)} samples of a batch (first: sample {first}); every curvature and loss "
+            "would be undefined. The model is broken (diverged training?) or its output is not "
+            "what the criterion expects (e.g. log of a non-probability).")
+
+
+def _check_curvature_vectors(vecs: torch.Tensor, family, what: str) -> None:
+    if not bool(torch.isfinite(vecs).all()):
+        raise ValueError(
+            f"the output-space curvature vectors ({what}) of {family!r} are NaN or inf at finite "
+            "network outputs: the criterion's derivatives overflow there (e.g. exp of a large "
+            "log-rate); rescale the outputs or use a criterion with finite curvature")
+
+
 class ModelData:
     """A network, its criterion and data, ready for curvature computations.
 
@@ -76,6 +97,8 @@ class ModelData:
     device, dtype : optional
         Where/in which precision the copy runs (default: the module's). Sums are float64 anyway.
     """
+
+    n_ignored = 0  # samples dropped because their label is the criterion's ignore_index
 
     def __init__(self, module: nn.Module, criterion: nn.Module, X, y=None, *,
                  params: None | Sequence[str] | Callable = None,
@@ -158,6 +181,7 @@ class ModelData:
             if y.is_floating_point() and not _all_finite(y):
                 raise ValueError("y contains NaN or inf")
             self.y = y
+            self._drop_ignored()
         with torch.no_grad():
             try:
                 z = self._outputs(self.X[: min(self.n, self.batch_size)].to(self.device))
@@ -165,10 +189,28 @@ class ModelData:
                 raise ValueError(f"the module cannot process X of shape {tuple(self.X.shape)}: {e}. "
                                  "Check that X has the number of features the module expects."
                                  ) from e
+        _check_outputs(z, slice(0, len(z)))
         self.n_outputs = z.shape[1]
         if self.y is not None:
             self.family.check_target(self.y, z if len(z) == self.n else
                                      torch.empty(self.n, z.shape[1]))
+
+    def _drop_ignored(self) -> None:
+        """Samples labelled with the criterion's ``ignore_index`` are not in the loss as trained
+        (the criterion's mean runs over the other samples): drop them, so that they enter
+        neither the loss nor F, C, H nor the number of samples ``n``."""
+        ignore = getattr(self.criterion, "ignore_index", None)
+        if ignore is None or self.y.ndim != 1:  # class-probability targets ignore nothing
+            return
+        keep = self.y != ignore
+        self.n_ignored = int((~keep).sum())
+        if self.n_ignored == 0:
+            return
+        if self.n_ignored == self.n:
+            raise ValueError(f"every label equals the criterion's ignore_index={ignore}: no "
+                             "sample enters the loss, so there is nothing to measure")
+        self.X, self.y = self.X[keep], self.y[keep]
+        self.n = len(self.y)
 
     def require_fisher(self, what: str) -> None:
         if not self.family.is_fisher:
@@ -238,6 +280,7 @@ class ModelData:
             if vectors is None:
                 with torch.no_grad():
                     z = self._outputs(xb)
+                _check_outputs(z, rows)
                 yield Batch(z.double(), self._targets(rows, z), None, sl)
                 continue
             yield self._backprop(xb, rows, sl, vectors, generator, mc_samples)
@@ -265,8 +308,9 @@ class ModelData:
                     f"module {r.name!r} ran {calls.get(i, 0)} times in one forward pass; layer-wise "
                     "computations need each parameter-owning module called once: use "
                     "approximation='dense'")
+        _check_outputs(z, rows)
         y = self._targets(rows, z)
-        zd = z.detach()
+        zd = z.detach().double()  # r_i and B_i in float64: a float32 π_y rounds to 1 (r_y to 0)
         if vectors == "fisher":
             vecs = self.family.factor(zd, y).permute(2, 0, 1)  # (V, N, K)
         elif vectors == "residual":
@@ -279,6 +323,7 @@ class ModelData:
                                 for _ in range(mc_samples)]) / mc_samples ** 0.5
         else:
             raise ValueError(f"unknown vectors {vectors!r}")
+        _check_curvature_vectors(vecs, self.family, vectors)
         outs = [outputs[i] for i in range(len(rules))]
         # (V, N, *out) float64, filled pass by pass: one converting copy, no float32 stack
         grads = [torch.empty((len(vecs), *o.shape), dtype=torch.float64, device=o.device)
@@ -289,7 +334,7 @@ class ModelData:
                 grads[i][c].zero_() if g is None else grads[i][c].copy_(g)
         layers = [LayerBatch(r.record_input(inputs[i]), r.record_grad(grads[i]))
                   for i, r in enumerate(rules)]
-        return Batch(zd.double(), y, layers, sl)
+        return Batch(zd, y, layers, sl)
 
     # -- whole-model functional views (dense paths, Hessian) --------------------------------
     def functional_loss(self):
@@ -315,7 +360,7 @@ class ModelData:
             return out.reshape(xb.shape[0], -1)
 
         def loss(theta, xb, yb):
-            z = outputs(theta, xb)
+            z = outputs(theta, xb).double()  # ℓ and its z-derivatives in float64
             return self.family.loss(z, self.family.prepare_target(yb, z)).sum()
 
         return outputs, loss

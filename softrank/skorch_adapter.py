@@ -10,14 +10,15 @@ Everything that knows about skorch lives here; :mod:`softrank.estimators` only a
   :math:`z = \log(p + \varepsilon)` of the module's probabilities (skorch's ``get_loss``);
 * :func:`check_X` / :func:`check_y` — data converted as skorch would train on it;
 * :func:`weight_decay_lam` — :math:`\Lambda` from the optimizer's parameter groups
-  (``weight_decay=wd`` on a mean loss is :math:`\Lambda = wd\cdot I`, SPEC §2);
+  (``weight_decay=wd`` on a mean loss is :math:`\Lambda = wd\cdot I`; a summed loss
+  divides it by the samples per optimizer step);
 * :func:`n_trained` — n, the number of samples the net actually trained on (skorch's
   ``train_split`` holds out 20 % by default);
 * :func:`mean_loss` — the mean loss in evaluation mode, with the criterion exactly as trained;
 * :func:`preserved_modes` — train/eval flags restored after delegating to ``net.predict``.
 
 None of these changes the net: parameters, buffers, modes, hooks and optimizer state stay
-bit-identical (SPEC §6).
+bit-identical.
 """
 from __future__ import annotations
 
@@ -89,8 +90,35 @@ def check_fitted(estimator, what: str = "prefit=True") -> None:
 
 # -- outputs and dtypes ------------------------------------------------------------------------
 def log_probabilities(p: torch.Tensor) -> torch.Tensor:
-    r""":math:`z = \log(p + \varepsilon)`, what ``NeuralNetClassifier.get_loss`` feeds NLLLoss."""
+    r""":math:`z = \log(p + \varepsilon)`, what ``NeuralNetClassifier.get_loss`` feeds NLLLoss.
+
+    Raises
+    ------
+    ValueError
+        When ``p`` is not a batch of probability vectors (entries outside [0, 1] or rows that do
+        not sum to 1), e.g. a module ending in ``LogSoftmax``: skorch takes the log of what it
+        believes are probabilities, and the loss it trained on is NaN or meaningless.
+    """
+    _check_probabilities(p)
     return torch.log(p + torch.finfo(p.dtype).eps)
+
+
+def _check_probabilities(p: torch.Tensor, tol: float = 1e-3) -> None:
+    try:
+        detached = p.detach()
+        bad = bool(((detached < -tol) | (detached > 1 + tol)).any()
+                   or ((detached.sum(-1) - 1).abs() > tol).any()) if p.ndim == 2 else False
+    except RuntimeError:  # inside a torch.func transform: the eager passes check every batch
+        return
+    if bad:
+        lo, hi = float(p.detach().min()), float(p.detach().max())
+        raise ValueError(
+            "NeuralNetClassifier with criterion NLLLoss takes the log of the module's output, "
+            "which must therefore be probabilities, but the outputs are not probabilities "
+            f"(values in [{lo:.3g}, {hi:.3g}], or rows that do not sum to 1). A module ending in "
+            "LogSoftmax (or in raw logits) trains on log of a non-probability, a NaN loss. End "
+            "the module in Softmax and keep NLLLoss, or return logits and use "
+            "criterion=nn.CrossEntropyLoss.")
 
 
 def output_transform(net):
@@ -196,9 +224,11 @@ def check_y(net, y, n_samples: int | None = None, dtype: torch.dtype | None = No
         if not np.array_equal(y, np.round(y)):
             raise ValueError(f"{type(net).__name__} needs integer class labels 0..K-1; y has "
                              "non-integer values (a regression target?)")
-        if y.size and y.min() < 0:
+        ignore = getattr(getattr(net, "criterion_", None), "ignore_index", None)
+        labelled = y if ignore is None else y[y != ignore]
+        if labelled.size and labelled.min() < 0:
             raise ValueError(f"class labels must be 0..K-1 (skorch does not encode labels); got "
-                             f"a negative label {int(y.min())}. Encode them with LabelEncoder.")
+                             f"a negative label {int(labelled.min())}. Encode them with LabelEncoder.")
         if kind == "binary":
             y = y.astype(_NP_DTYPES.get(dtype or torch.get_default_dtype(), np.float32))
         else:
@@ -243,9 +273,40 @@ def check_labels_seen(net, y) -> None:
 
 
 # -- Λ from the optimizer ----------------------------------------------------------------------
-def weight_decay_lam(net, param_names: list[str]) -> float | dict[str, float]:
-    r""":math:`\Lambda` from ``net.optimizer_``: a float when every measured parameter has the
-    same ``weight_decay``, else ``{parameter name: weight_decay}`` (parameter groups)."""
+def weight_decay_lam(net, param_names: list[str], md=None) -> float | dict[str, float]:
+    r""":math:`\Lambda` of the objective :math:`\frac1n\sum_i\ell_i + \frac12\theta^\top\Lambda
+    \theta` that ``net.optimizer_``'s ``weight_decay`` minimizes with the criterion as trained.
+
+    A float when every measured parameter has the same ``weight_decay``, else
+    ``{parameter name: Λ}`` (parameter groups). Each step of skorch's training loop adds
+    ``wd·θ`` to the gradient of the criterion on one batch, so a fixed point of an epoch's
+    steps is a stationary point of :math:`\sum_{\text{batches}} L_B + \frac{s}{2}wd\,\|\theta\|^2`
+    with s the number of optimizer steps per epoch. Written as the mean per-sample loss
+    (:math:`\ell_i` averaged over its e loss elements) plus :math:`\frac12\Lambda\|\theta\|^2`:
+
+    ===============================  ===================================================
+    criterion reduction               Λ
+    ===============================  ===================================================
+    'mean'                            wd (for CrossEntropyLoss/NLLLoss with class weights,
+                                      whose mean divides by :math:`\sum_i w_{y_i}`:
+                                      :math:`wd\cdot\bar w`, :math:`\bar w` the mean weight
+                                      of the samples' labels)
+    'sum'                             :math:`wd\cdot s/(n\,e)` — full batch: wd/(n e);
+                                      batches of b samples: wd/(b e)
+    'batchmean'                       wd / e
+    ===============================  ===================================================
+
+    n is the number of samples whose losses count per epoch (``md.n_train``); s comes from the
+    net's training history, or, for a net without one (restored with ``load_params``), from
+    its ``batch_size`` (with a warning). Pass ``md`` (the :class:`~softrank.model.ModelData`
+    being measured) for any reduction but 'mean'.
+
+    Raises
+    ------
+    ValueError
+        No optimizer, parameters outside it, zero weight decay, or a reduction other than
+        'mean', 'sum' and 'batchmean' (Λ cannot be told; pass ``lam``).
+    """
     opt = getattr(net, "optimizer_", None)
     if opt is None:
         raise ValueError("lam='auto' reads the optimizer's weight_decay, but the net has no "
@@ -269,10 +330,68 @@ def weight_decay_lam(net, param_names: list[str]) -> float | dict[str, float]:
             f"lam='auto' found no weight decay (weight_decay = 0) for parameters {zero}; the soft "
             "rank and TIC need Λ > 0. Train with optimizer__weight_decay > 0, or pass lam "
             "explicitly (e.g. lam=1e-4).")
-    values = {n: by_name[n] for n in param_names}
+    scale = _reduction_scale(net, md)
+    values = {n: by_name[n] * scale for n in param_names}
     if len(set(values.values())) == 1:
         return next(iter(values.values()))
     return values
+
+
+def _reduction_scale(net, md) -> float:
+    """Λ / weight_decay for the criterion's reduction (see :func:`weight_decay_lam`)."""
+    crit = net.criterion_
+    reduction = getattr(crit, "reduction", "mean")
+    if reduction == "mean":
+        weight = getattr(crit, "weight", None)
+        if (weight is None or md is None or md.y is None or md.y.ndim != 1
+                or not isinstance(crit, (nn.CrossEntropyLoss, nn.NLLLoss))):
+            return 1.0
+        return float(weight.detach().double().cpu()[md.y.long().cpu()].mean())
+    if reduction not in ("sum", "batchmean"):
+        raise ValueError(f"lam='auto' cannot tell Λ for a criterion with reduction="
+                         f"{reduction!r}; pass lam explicitly.")
+    if md is None:
+        raise ValueError(f"lam='auto' with reduction={reduction!r} needs the number of samples and "
+                         "of loss elements per sample: pass md, or lam explicitly.")
+    elements = _loss_elements(md)
+    if reduction == "batchmean":
+        return 1.0 / elements
+    steps, seen = _steps_per_epoch(net, md)
+    return steps / (md.n_train * elements)
+
+
+def _loss_elements(md) -> int:
+    """e: elements of the criterion's ``reduction='none'`` output per sample."""
+    crit = copy.deepcopy(md.criterion).double()
+    crit.reduction = "none"
+    b = next(md.batches(None))
+    z = b.z.to(md.device)
+    y = b.y if b.y is None or not b.y.is_floating_point() else b.y.double()
+    with torch.no_grad():
+        out = crit(z, y) if y is not None else None
+    if out is None:
+        return max(1, z.shape[1])
+    return max(1, out.numel() // len(z))
+
+
+def _steps_per_epoch(net, md) -> tuple[int, int]:
+    """(optimizer steps, samples) of the last training epoch; from ``batch_size`` without a
+    history."""
+    try:
+        sizes = [b["train_batch_size"] for b in net.history[-1, "batches"]
+                 if "train_batch_size" in b]
+    except (IndexError, KeyError):
+        sizes = []
+    if sizes:
+        return len(sizes), int(sum(sizes))
+    seen = int(round(md.n_train * (md.n + md.n_ignored) / md.n))
+    b = getattr(net, "iterator_train__batch_size", None) or net.batch_size
+    drop_last = bool(getattr(net, "iterator_train__drop_last", False))
+    steps = 1 if b in (-1, None) or b >= seen else (seen // b if drop_last else -(-seen // b))
+    warnings.warn(f"lam='auto' with a summed loss: the net has no training history, so Λ assumes "
+                  f"{steps} optimizer step(s) per epoch (batch_size={b}, {seen} samples); pass lam "
+                  "explicitly if it was trained otherwise", UserWarning, stacklevel=4)
+    return max(1, steps), seen
 
 
 # -- n ---------------------------------------------------------------------------------------
@@ -292,19 +411,38 @@ def _n_from_split(net, X, y) -> int:
     return len(train)
 
 
+def _n_labelled(net, n: int, X, y) -> int:
+    """Of n trained samples, those whose label is not the criterion's ``ignore_index`` (they
+    are not in the loss): counted on the training part of (X, y)."""
+    ignore = getattr(getattr(net, "criterion_", None), "ignore_index", None)
+    if ignore is None or y is None or np.ndim(y) != 1:
+        return n
+    labels = np.asarray(y)
+    if net.train_split:
+        train, _ = net.get_split_datasets(X, y)
+        labels = np.asarray([np.asarray(train[i][1]) for i in range(len(train))])
+    kept = int((labels != ignore).sum())
+    if kept == len(labels):
+        return n
+    return max(1, int(round(n * kept / max(len(labels), 1))))
+
+
 def n_trained(net, X, y) -> tuple[int, str]:
     """(n, source): samples seen in the last training epoch (``net.history``), or, for a net
-    without history (restored with ``load_params``), ``net.train_split`` applied to (X, y)."""
+    without history (restored with ``load_params``), ``net.train_split`` applied to (X, y).
+    Samples labelled with the criterion's ``ignore_index`` are not counted: the criterion's
+    mean runs over the others."""
     n = _n_from_history(net)
-    if n is not None:
-        return n, "history"
-    return _n_from_split(net, X, y), "train_split"
+    source = "history"
+    if n is None:
+        n, source = _n_from_split(net, X, y), "train_split"
+    return _n_labelled(net, n, X, y), source
 
 
 # -- loss ------------------------------------------------------------------------------------
 def per_sample_loss(md) -> torch.Tensor:
     r"""(n,) float64 :math:`\ell_i`: the criterion with ``reduction='none'`` on the model's z,
-    averaged over non-batch dimensions (SPEC §2), evaluated on ``md``'s private eval copy."""
+    averaged over non-batch dimensions, evaluated on ``md``'s private eval copy."""
     crit = copy.deepcopy(md.criterion).double()
     if hasattr(crit, "reduction"):
         crit.reduction = "none"
@@ -316,7 +454,15 @@ def per_sample_loss(md) -> torch.Tensor:
             if y.is_floating_point():
                 y = y.double()
             out.append(crit(z, y).reshape(len(z), -1).double().mean(1).cpu())
-    return torch.cat(out)
+    losses = torch.cat(out)
+    if not bool(torch.isfinite(losses).all()):
+        bad = (~torch.isfinite(losses)).nonzero()[:, 0]
+        raise ValueError(
+            f"the criterion {type(md.criterion).__name__} is NaN or inf on {len(bad)} of "
+            f"{len(losses)} samples (first: sample {int(bad[0])}) at finite network outputs: the "
+            "targets do not fit the criterion (e.g. counts for a log-rate model that overflow, "
+            "or labels outside its domain)")
+    return losses
 
 
 def mean_loss(md) -> float:
@@ -348,6 +494,8 @@ def model_data(estimator, X, y=None, *, params=None, batch_size: int = 256, devi
     n_train = _n_from_history(net)
     if n_train is None and (y is not None or not net.train_split):
         n_train = _n_from_split(net, X, y)
+    if n_train is not None:
+        n_train = _n_labelled(net, n_train, X, y)
     md = ModelData(net.module_, net.criterion_, X, y, params=params, output_transform=z_of,
                    batch_size=batch_size, n_train=n_train, device=device)
     return md, net

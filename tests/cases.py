@@ -20,12 +20,18 @@ Models (``MODELS``)::
     mlp    Linear(3,4)-ReLU-Linear(4,K)
     cnn    Conv2d(1,2,3,stride=2,padding=1)-ReLU-Flatten-Linear(18,K) on 1×5×5 inputs
     bn     Linear(3,4)-BatchNorm1d(4)-Tanh-Dropout(0.3)-Linear(4,K)
+
+Confident nets (``CONFIDENT_CASE_IDS``, cross-entropy, K=3): an MLP
+Linear(8,12)-Tanh-Linear(12,K) whose output layer fits balanced labels with a logit margin of
+5.8 on every sample (100 % training accuracy), then scaled ×4 (``conf4``: training loss
+1e-10) or ×100 (``conf100``: training loss 0 in float64). Weights and inputs are float32
+numbers, so ``.float()`` copies are the same model.
 """
 from __future__ import annotations
 
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -34,7 +40,8 @@ from torch.nn import functional as Fn
 from softrank import ModelData
 
 __all__ = ["LossCase", "Case", "LOSSES", "MODELS", "KRONECKER_MODELS", "CASE_IDS",
-           "KRONECKER_CASE_IDS", "build_case", "skorch_log", "N_SAMPLES", "BATCH_SIZE"]
+           "KRONECKER_CASE_IDS", "CONFIDENT_CASE_IDS", "CONFIDENT_SCALES", "build_case",
+           "skorch_log", "N_SAMPLES", "BATCH_SIZE"]
 
 N_SAMPLES = 8
 BATCH_SIZE = 3  # n = 8 streams as batches of 3, 3, 2: every cross-batch sum is exercised
@@ -132,11 +139,39 @@ def bn(K):
                          nn.Linear(4, K))
 
 
-MODELS = {"mlp": (mlp, (3,)), "cnn": (cnn, (1, 5, 5)), "bn": (bn, (3,))}
-KRONECKER_MODELS = ("mlp", "cnn")  # only Linear/Conv2d parameters: KFAC and EKFAC apply
+def confident_mlp(K):
+    return nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, K))
 
-CASE_IDS = [f"{m}-{l}" for m in MODELS for l in LOSSES]
+
+MODELS = {"mlp": (mlp, (3,)), "cnn": (cnn, (1, 5, 5)), "bn": (bn, (3,)),
+          "conf4": (confident_mlp, (8,)), "conf100": (confident_mlp, (8,))}
+KRONECKER_MODELS = ("mlp", "cnn", "conf4", "conf100")  # Linear/Conv2d only: KFAC, EKFAC apply
+CONFIDENT_SCALES = {"conf4": 4.0, "conf100": 100.0}  # output layer × scale of a margin-5.8 net
+CONFIDENT_MARGIN = 5.8
+CONFIDENT_CASE_IDS = [f"{m}-ce" for m in CONFIDENT_SCALES]
+
+# conf100's curvature is ~1e-240: relative comparisons there measure rounding of formulas
+# (n − Σ(1 − ε_i)), so it is checked with absolute tolerances in test_confident.py instead
+CASE_IDS = [f"{m}-{l}" for m in MODELS if m not in CONFIDENT_SCALES for l in LOSSES
+            ] + ["conf4-ce"]
 KRONECKER_CASE_IDS = [c for c in CASE_IDS if c.split("-")[0] in KRONECKER_MODELS]
+
+
+class AccurateCrossEntropy(nn.Module):
+    r"""Mean cross-entropy as :math:`\mathrm{softplus}(\log\sum_{k\ne y}e^{z_k-z_y})`: the
+    reference criterion of the confident cases. ``nn.CrossEntropyLoss`` rounds
+    :math:`\pi_y = 1 - 10^{-10}` before subtracting 1 (its gradient is off by ~1e-7
+    relative there); this form keeps every digit of the loss and its derivatives."""
+
+    def forward(self, z, y):
+        target = torch.arange(z.shape[-1], device=z.device) == y.unsqueeze(-1)
+        rel = z - z.gather(-1, y.unsqueeze(-1))
+        others = torch.logsumexp(torch.where(target, float("-inf"), rel), dim=-1)
+        return Fn.softplus(others).mean()
+
+
+def _accurate_ce_on_one(z, y):
+    return AccurateCrossEntropy()(z.unsqueeze(0), y.unsqueeze(0))
 
 
 @dataclass
@@ -147,6 +182,11 @@ class Case:
     criterion: nn.Module
     X: torch.Tensor
     y: torch.Tensor
+    reference_criterion: nn.Module | None = None  # what the float64 references differentiate
+
+    def __post_init__(self):
+        if self.reference_criterion is None:
+            self.reference_criterion = self.criterion
 
     @property
     def output_transform(self):
@@ -176,10 +216,46 @@ def build_case(case_id: str, n: int = N_SAMPLES) -> Case:
     model_name, loss_name = case_id.split("-", 1)
     loss = LOSSES[loss_name]
     make, in_shape = MODELS[model_name]
-    gen = torch.Generator().manual_seed(_seed(case_id))
-    torch.manual_seed(_seed(case_id))  # nn default initialization
+    seed = _seed("confident-ce" if model_name in CONFIDENT_SCALES else case_id)  # one base net
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)  # nn default initialization
     model = nn.Sequential(make(loss.n_out), loss.head()).double()
     _set_batchnorm_statistics(model, in_shape, gen)
     X = torch.randn(n, *in_shape, generator=gen, dtype=torch.float64)
     y = loss.targets(n, gen)
+    if model_name in CONFIDENT_SCALES:
+        X, y = _make_confident(model, X, CONFIDENT_SCALES[model_name])
+        loss = replace(loss, natural_loss=_accurate_ce_on_one)
+        return Case(case_id, loss, model, loss.criterion(), X, y, AccurateCrossEntropy())
     return Case(case_id, loss, model, loss.criterion(), X, y)
+
+
+def _make_confident(model, X, scale):
+    """Balanced labels and an output layer that fits them with one logit margin
+    :data:`CONFIDENT_MARGIN` on every sample (least squares on the hidden features: exact for
+    n ≤ 13; otherwise the labels become the net's predictions, rescaled to that smallest
+    margin), then × ``scale``. Weights and X are
+    float32 numbers. 100 % training accuracy."""
+    head = model[0][-1]
+    K = head.out_features
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.float().double())
+        X = X.float().double()
+        y = torch.arange(len(X)) % K
+        h = model[0][:-1](X)
+        target = CONFIDENT_MARGIN * (Fn.one_hot(y, K).double() - 1.0 / K)
+        W = torch.linalg.lstsq(torch.cat([h, torch.ones(len(X), 1, dtype=h.dtype)], 1),
+                               target).solution  # (hidden + 1, K)
+        head.weight.copy_(W[:-1].T)
+        head.bias.copy_(W[-1])
+        z = model(X)
+        y = z.argmax(1)  # = the balanced labels when the fit is exact (n ≤ 13)
+        others = z.masked_fill(Fn.one_hot(y, K).bool(), float("-inf")).max(1).values
+        margin = float((z.gather(1, y[:, None])[:, 0] - others).min())
+        assert margin > 0, "the confident case does not classify its data correctly"
+        head.weight.mul_(CONFIDENT_MARGIN * scale / margin)
+        head.bias.mul_(CONFIDENT_MARGIN * scale / margin)
+        for p in head.parameters():
+            p.copy_(p.float().double())
+    return X, y

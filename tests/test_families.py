@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.nn import functional as Fn
 
 from softrank.families import (
     Bernoulli, Categorical, Gaussian, GenericGGN, Poisson, UnsupportedCriterionError, family_for,
@@ -127,14 +128,40 @@ def test_require_fisher_names_the_criterion(criterion):
 
 @pytest.mark.parametrize("criterion, match", [
     (nn.CrossEntropyLoss(label_smoothing=0.1), "label_smoothing"),
-    (nn.CrossEntropyLoss(weight=torch.ones(3)), "class weights"),
+    (nn.CrossEntropyLoss(weight=torch.ones(3)), "class or element weights"),
     (nn.BCEWithLogitsLoss(pos_weight=torch.ones(1)), "pos_weight"),
-    (nn.PoissonNLLLoss(log_input=False), "log_input=True"),
-    (nn.PoissonNLLLoss(full=True), "full=False"),
+    (nn.PoissonNLLLoss(log_input=False), "log_input=False"),
 ])
-def test_criteria_that_are_not_a_likelihood_of_the_table(criterion, match):
-    with pytest.raises(UnsupportedCriterionError, match=match):
-        family_for(criterion)
+def test_criterion_options_outside_the_table_take_the_generic_ggn(criterion, match):
+    fam = family_for(criterion)
+    assert isinstance(fam, GenericGGN) and not fam.is_fisher
+    with pytest.raises(UnsupportedCriterionError, match=match) as err:
+        family_for(criterion, require_fisher=True)
+    assert "HessianNorm, TIC(variant='hessian') and ApproxLOO" in str(err.value)
+
+
+def test_label_smoothing_ggn_matches_the_autograd_hessian_and_keeps_label_checks():
+    crit = nn.CrossEntropyLoss(label_smoothing=0.2, weight=torch.tensor([1.0, 2.0, 0.5]))
+    fam = family_for(crit)
+    z = torch.randn(4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2, 1, 2])
+    B = fam.factor(z, y)
+    for i in range(4):
+        ref = torch.func.hessian(lambda t: Fn.cross_entropy(
+            t[None], y[i:i + 1], weight=crit.weight.double(), label_smoothing=0.2,
+            reduction="sum"))(z[i])
+        torch.testing.assert_close(B[i] @ B[i].T, ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="labels outside the classes"):
+        fam.check_target(torch.tensor([0, 3]), z)
+
+
+def test_poisson_full_keeps_the_poisson_fisher_and_the_full_loss():
+    fam = family_for(nn.PoissonNLLLoss(full=True))
+    assert isinstance(fam, Poisson) and fam.is_fisher
+    z = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    y = torch.tensor([[4.0, 0.0]], dtype=torch.float64)
+    ref = nn.PoissonNLLLoss(full=True, reduction="none")(z, y).mean(1)
+    torch.testing.assert_close(fam.loss(z, y), ref)
 
 
 def test_generic_family_cannot_sample_and_needs_labels_for_its_factor():
@@ -146,9 +173,9 @@ def test_generic_family_cannot_sample_and_needs_labels_for_its_factor():
         fam.factor(z)
 
 
-def test_generic_loss_restores_the_criterion_reduction():
+def test_generic_loss_leaves_the_criterion_unchanged():
     crit = nn.HuberLoss(reduction="sum")
-    family_for(crit).loss(torch.zeros(2, 2), torch.ones(2, 2))
+    family_for(crit).loss(torch.zeros(2, 2, dtype=torch.float64), torch.ones(2, 2))
     assert crit.reduction == "sum"
 
 

@@ -200,8 +200,15 @@ class GramCurvature(Curvature):
         L = self.lam(lam)
         if L.scalar is not None and self._eig is not None:
             return super().soft_rank(L)
-        inv_diag = _inverse_column_norms(self._cholesky(L))  # diag (I + K̃)⁻¹
-        return float(self.n_rows - inv_diag.sum())
+        chol = self._cholesky(L)
+        inv_diag = _inverse_column_norms(chol)  # diag (I + K̃)⁻¹
+        value = float(self.n_rows - inv_diag.sum())
+        if value < 0.5 * self.n_rows:  # small K̃: Tr K̃ − Tr K̃(I+K̃)⁻¹K̃ keeps the digits
+            K, s = self._scaled(L)
+            K = K / s
+            value = float(K.diagonal().sum()
+                          - torch.linalg.solve_triangular(chol, K, upper=False).square().sum())
+        return value
 
     def leverage(self, lam) -> torch.Tensor:
         r"""Per-sample :math:`\mathrm{Tr}\,F_i(F+\Lambda)^{-1}/n` (sums to the soft rank)."""
@@ -213,7 +220,8 @@ class GramCurvature(Curvature):
         L = self.lam(lam)
         if L.scalar is not None:
             return super().logdet_dim(L)
-        return float(2 * torch.log(self._cholesky(L).diagonal()).sum())
+        K, s = self._scaled(L)  # Σ log1p(σ(K̃)): 2 Σ log diag chol(I + K̃) rounds 1 + σ first
+        return float(torch.log1p(torch.linalg.eigvalsh(K / s).clamp_min(0.0)).sum())
 
     def tic_sum(self, rules, feats, lam) -> float:
         r"""Σ_i g_iᵀ(F+Λ)⁻¹g_i for the per-sample gradients in ``feats`` (Woodbury)."""

@@ -201,7 +201,7 @@ def outer_product_matvec(md, V: torch.Tensor, factor: Callable) -> torch.Tensor:
         z, vjp = torch.func.vjp(f, theta)
         yb = None if md.y is None else md.family.prepare_target(
             md.y[start:start + md.batch_size].to(md.device), z)
-        B = factor(z.detach(), yb, start).to(theta.dtype)  # (N, K, c)
+        B = factor(z.detach().double(), yb, start).to(theta.dtype)  # (N, K, c), formed in float64
         JV = torch.func.vmap(lambda v: torch.func.jvp(f, (theta,), (v,))[1], in_dims=1)(V)
         BJV = torch.einsum("nkc,nlc,mnl->mnk", B, B, JV)
         out += torch.func.vmap(lambda u: vjp(u)[0], in_dims=0, out_dims=1)(BJV).double()
