@@ -181,6 +181,7 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         fitted clone."""
         est = _unfrozen(self.estimator)
         _, net = sk.split_estimator(est)
+        X, y = sk.split_dataset(X, y)
         if self.prefit is True:
             sk.check_fitted(est)
         if sk.is_fitted(net) and self.prefit in ("auto", True):
@@ -190,7 +191,7 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         with _seeded(self.random_state):
             if pre is None:
                 sk.initialize(net)
-                X = sk.check_X(X, sk.module_dtype(net))
+                X = sk.check_X(X, sk.module_dtype(net), net.module_)
                 y = sk.check_y(net, y, len(X), sk.module_dtype(net))
                 self._check_criterion(net)
                 sk.check_module_fits_data(net, X, y)
@@ -204,16 +205,21 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
             family_for(net.criterion_, require_fisher=True)
 
     def _inputs(self, est, X, *, reset: bool):
-        """(transformed X as an array in the module's dtype, net) for measuring on X."""
+        """(transformed X — an array with floating inputs in the module's dtype, or a SliceDict
+        of them — and the net) for measuring on X (an array, a dict of arrays, or a torch
+        Dataset of (Xi, yi) items)."""
         pre, net = sk.split_estimator(est)
-        dtype = sk.module_dtype(net)
-        if pre is None:
+        X, _ = sk.split_dataset(X)
+        if pre is None and sk.is_dict_like(X):  # named inputs: no n_features_in_
+            if reset:
+                self.__dict__.pop("n_features_in_", None)
+        elif pre is None:
             X = validate_data(self, X, reset=reset, dtype="numeric", allow_nd=True,
                               ensure_all_finite=True)
         else:
             validate_data(self, X, reset=reset, skip_check_array=True)
-            X = pre.transform(X)
-        return sk.check_X(X, dtype), net
+            X = X if pre is None else pre.transform(X)
+        return sk.check_X(X, sk.module_dtype(net), net.module_), net
 
     def _model_data(self, net, X, y, n_train=None):
         return ModelData(net.module_, net.criterion_, X, y, params=self.params,
@@ -222,6 +228,7 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
 
     def _labelled(self, est, X, y, *, reset: bool):
         """(X, y, net) checked for measuring: shapes, dtypes, labels the net has seen."""
+        X, y = sk.split_dataset(X, y)
         Xt, net = self._inputs(est, X, reset=reset)
         y = sk.check_y(net, y, len(Xt), sk.module_dtype(net))
         sk.check_labels_seen(net, y)
@@ -368,10 +375,12 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
     def _delegate(self, method, X):
         check_is_fitted(self)
         pre, net = sk.split_estimator(self.estimator_)
+        X, _ = sk.split_dataset(X)
         if pre is None:
-            X = validate_data(self, X, reset=False, dtype="numeric", allow_nd=True,
-                              ensure_all_finite=True)
-            X = sk.check_X(X, sk.module_dtype(net))
+            if not sk.is_dict_like(X):
+                X = validate_data(self, X, reset=False, dtype="numeric", allow_nd=True,
+                                  ensure_all_finite=True)
+            X = sk.check_X(X, sk.module_dtype(net), net.module_)
         with sk.preserved_modes(net):
             return getattr(self.estimator_, method)(X)
 
@@ -529,6 +538,9 @@ class SoftRankFIM(TransformerMixin, GapEstimator):
 
 
 def _same_array(a, b) -> bool:
+    if sk.is_dict_like(a) or sk.is_dict_like(b):
+        return (sk.is_dict_like(a) and sk.is_dict_like(b) and a.keys() == b.keys()
+                and all(_same_array(a[k], b[k]) for k in a.keys()))
     return a.shape == b.shape and np.array_equal(a, b)
 
 

@@ -11,6 +11,12 @@ A forward pass records each tracked module's input, a backward pass of vectors
   gradient is formed),
 * Kronecker factors (KFAC) and eigenbasis coordinates (EKFAC) for ``Linear`` and ``Conv2d``.
 
+Such records are exact when each parameter enters the network only through the one call of
+the module that owns it. Where it does not (weights tied between modules, a module called twice,
+a module returning a tuple such as ``nn.LSTM``), :class:`JacobianRule` takes every selected
+parameter at once, its records being the per-sample gradients themselves, from whole-network
+per-sample Jacobians.
+
 Parameter layout inside a rule: the module's selected parameters in registration order,
 each flattened row-major (``weight`` then ``bias``), as in ``module.parameters()``.
 """
@@ -23,7 +29,9 @@ from torch import nn
 from torch.nn import functional as Fn
 
 
-__all__ = ["LayerBatch", "rule_for", "UnsupportedLayerError"]
+__all__ = ["LayerBatch", "LayerRule", "JacobianRule", "rule_for", "UnsupportedLayerError"]
+
+KRONECKER_LAYERS = "nn.Linear or nn.Conv2d (groups=1, zero padding)"
 
 
 class UnsupportedLayerError(TypeError):
@@ -34,8 +42,10 @@ class UnsupportedLayerError(TypeError):
 class LayerBatch:
     """One tracked module on one batch: inputs and backpropagated output gradients.
 
-    ``a``: (N, T, d_in) patches/inputs (float64) for Linear/Conv2d, else the raw input tuple;
-    ``g``: (V, N, T, d_out) output gradients (float64) for Linear/Conv2d, else (V, N, *out).
+    ``a``: (N, T, d_in) patches/inputs (float64) for Linear/Conv2d, else the raw input tuple
+    (None for a module that was not called, and for :class:`JacobianRule`);
+    ``g``: (V, N, T, d_out) output gradients (float64) for Linear/Conv2d, else (V, N, *out);
+    for :class:`JacobianRule` the (V, N, p) per-sample gradients.
     """
 
     a: object
@@ -55,15 +65,38 @@ class LayerRule:
         self.numel = sum(self.sizes)
 
     # -- recording -------------------------------------------------------------------------
+    def call_problem(self, calls, n: int) -> str | None:
+        """Why the recorded ``calls`` [(args, kwargs, output)] of one forward pass of ``n``
+        samples cannot give exact records (None when they can): the generic rule replays one
+        call, sample by sample, from its positional tensor arguments."""
+        what = f"module {self.name!r} ({type(self.module).__name__})"
+        if len(calls) > 1:
+            return f"{what} is called {len(calls)} times in one forward pass"
+        if not calls:
+            return None
+        args, kwargs, out = calls[0]
+        if not torch.is_tensor(out):
+            return f"{what} returns a {type(out).__name__}, not a tensor"
+        if kwargs or not args or not all(torch.is_tensor(a) and a.ndim and len(a) == n
+                                          for a in args) or len(out) != n:
+            return f"{what} is not called on batch-first tensor arguments only"
+        return None
+
     def record_input(self, args):
         return tuple(x.detach() for x in args)
 
     def record_grad(self, grads: torch.Tensor):  # (V, N, *out)
         return grads.double()
 
+    def zero_record(self, V: int, N: int, device) -> LayerBatch:
+        """The record of a module that was not called: its parameters have zero gradient."""
+        return LayerBatch(None, torch.zeros(V, N, 1, dtype=torch.float64, device=device))
+
     # -- derived quantities ----------------------------------------------------------------
     def per_sample_grads(self, lb: LayerBatch) -> torch.Tensor:
         """(V, N, numel) per-sample gradients of :math:`v_{ic}^\\top z_i` (float64)."""
+        if lb.a is None:  # not called
+            return lb.g.new_zeros(*lb.g.shape[:2], self.numel)
         module = self.module
         params = {n: p.detach() for n, p in module.named_parameters(recurse=False)
                   if n in self.param_names}
@@ -113,11 +146,38 @@ class LayerRule:
         return torch.einsum("vnp,vn->p", self.per_sample_grads(lb), u)
 
     # KFAC-only methods are defined by KroneckerRule
-    def unsupported(self, what: str):
+    def unsupported(self, what: str, alternatives: str | None = None):
+        """Raise the clear error of a Kronecker-factored ``what`` on this layer; ``alternatives``
+        (options of the caller without that restriction) end the message."""
         raise UnsupportedLayerError(
             f"{what} does not support layer {self.name!r} ({type(self.module).__name__}); it "
-            "supports nn.Linear and nn.Conv2d (groups=1). Restrict `params` to supported layers "
-            "or use approximation='diagonal', 'gram' or 'dense'.")
+            f"factorizes only {KRONECKER_LAYERS} layers. Restrict `params` to such layers"
+            + (f", or use {alternatives}." if alternatives else "."))
+
+
+class JacobianRule(LayerRule):
+    r"""Every selected parameter of the network at once. Its record of a batch is the
+    (V, N, p) per-sample gradients :math:`J_i^\top v_{ic}` themselves, from whole-network
+    per-sample Jacobians (:meth:`softrank.model.ModelData.jacobians`): exact for any
+    differentiable module, with any parameter sharing, at the memory of materializing them.
+    ``reasons`` say why layer-by-layer records were not exact."""
+
+    def __init__(self, net: nn.Module, param_names: list[str], reasons: list[str]):
+        named = dict(net.named_parameters())
+        self.name, self.module, self.param_names = "", net, list(param_names)
+        self.shapes = [named[n].shape for n in param_names]
+        self.sizes = [named[n].numel() for n in param_names]
+        self.numel = sum(self.sizes)
+        self.reasons = list(reasons)
+
+    def per_sample_grads(self, lb: LayerBatch) -> torch.Tensor:
+        return lb.g
+
+    def unsupported(self, what: str, alternatives: str | None = None):
+        raise UnsupportedLayerError(
+            f"{what} needs every measured parameter to belong to one {KRONECKER_LAYERS} layer "
+            "called once per forward pass; here " + "; ".join(self.reasons) + ". Restrict "
+            "`params` to such layers" + (f", or use {alternatives}." if alternatives else "."))
 
 
 class KroneckerRule(LayerRule):
@@ -136,6 +196,16 @@ class KroneckerRule(LayerRule):
         self.d_in = w[0].numel()  # Cin*kh*kw for conv
         if param_names != [n for n in ("weight", "bias") if n in param_names]:
             raise UnsupportedLayerError(f"unexpected parameters {param_names} in {self.name!r}")
+
+    def call_problem(self, calls, n):
+        if len(calls) > 1:
+            return (f"module {self.name!r} ({type(self.module).__name__}) is called "
+                    f"{len(calls)} times in one forward pass")
+        return None
+
+    def zero_record(self, V, N, device):
+        return LayerBatch(torch.zeros(N, 1, self.d_in, dtype=torch.float64, device=device),
+                          torch.zeros(V, N, 1, self.d_out, dtype=torch.float64, device=device))
 
     @property
     def d_in_tilde(self):

@@ -174,7 +174,8 @@ def approx_loo(md, lam, method: str = "exact", *, n_points: int | None = None,
 
     ``md`` holds the training data (curvature samples); ``md.n_train`` is n of the objective.
     ``method``: 'exact', 'kfac' or 'subsample' (``n_points`` random points, CG against the
-    full-data Fisher, KFAC-preconditioned unless ``preconditioner=None``).
+    full-data Fisher, KFAC-preconditioned unless ``preconditioner=None`` or a measured layer has
+    no Kronecker factorization).
     ``memory_budget`` (bytes or '2GB'): refuse with a MemoryError, before any data pass, when
     :func:`softrank.memory.estimate_loo_memory` says the method needs more.
     """
@@ -194,7 +195,8 @@ def approx_loo(md, lam, method: str = "exact", *, n_points: int | None = None,
             raise ValueError(f"n_points must be in 1..{md.n}; got {n_points}")
         rng = check_random_state(random_state)
         indices = np.sort(rng.choice(md.n, m_pts, replace=False))
-        prec = KroneckerCurvature(md) if preconditioner == "kfac" else None
+        kfac = preconditioner == "kfac" and all(r.kfac_capable for r in md.rules)
+        prec = KroneckerCurvature(md) if kfac else None  # no KFAC for the layers: plain CG
         blocks, cg_diag = _cg_blocks(md, L, torch.as_tensor(indices), tol, maxiter, prec)
         diagnostics.update(cg_diag)
     else:

@@ -65,6 +65,8 @@ from pathlib import Path
 
 import torch
 
+from .model import call_module
+
 __all__ = ["MemoryEstimate", "estimate_memory", "check_memory", "parse_bytes",
            "estimate_loo_memory", "check_loo_memory", "available_memory",
            "MEMORY_APPROXIMATIONS", "LOO_MEMORY_METHODS"]
@@ -194,7 +196,7 @@ def _output_shapes(md) -> dict:
                     name, tuple(o.shape[1:]) if torch.is_tensor(o) else None)))
     try:
         with torch.no_grad():
-            md.net(md.X[:1].to(md.device))
+            call_module(md.net, md.X[:1].to(md.device))
     finally:
         for h in handles:
             h.remove()

@@ -8,6 +8,18 @@ criterion, the parameters that count, and the data, and it streams batches of
 * per-layer inputs and backpropagated output gradients (:class:`~softrank.layers.LayerBatch`)
   for the vectors that define each matrix: columns of :math:`B_i` (F), residuals :math:`r_i`
   (C) or residuals at labels sampled from the model (F_MC).
+
+Layer records are exact only when every parameter enters the network through the one call of
+the module that owns it. :attr:`ModelData.rules` checks that on a few samples (forward hooks,
+and the records' gradient against autograd's); a parameter shared by two modules, a module
+called more than once, a module that returns a tuple (``nn.LSTM``) or a parameter used outside
+its module's call is measured instead through per-sample Jacobians of the whole network
+(:class:`~softrank.layers.JacobianRule`), which is exact for any differentiable module.
+A module that is never called owns parameters of zero curvature: its records are zeros.
+
+Inputs ``X`` are a tensor or array (floating inputs are cast to the module's dtype, integer
+inputs such as token ids are kept), or a dict of them, passed to the module as keyword
+arguments (skorch's convention): :class:`InputDict`.
 """
 from __future__ import annotations
 
@@ -20,9 +32,9 @@ import torch
 from torch import nn
 
 from .families import LossFamily, UnsupportedCriterionError, family_for
-from .layers import LayerBatch, LayerRule, UnsupportedLayerError, rule_for
+from .layers import JacobianRule, LayerBatch, LayerRule, UnsupportedLayerError, rule_for
 
-__all__ = ["ModelData", "Batch"]
+__all__ = ["ModelData", "Batch", "InputDict", "call_module"]
 
 
 @dataclass
@@ -33,6 +45,35 @@ class Batch:
     index: slice
 
 
+class InputDict(dict):
+    """Named input tensors of one length n, passed to the module as keyword arguments (skorch's
+    convention for a dict ``X``). A string key gives that tensor; any other index (a slice, an
+    index tensor or array) gives the same rows of every tensor, as an :class:`InputDict`."""
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            return super().__getitem__(key)
+        return InputDict({k: v[key] for k, v in self.items()})
+
+    def to(self, *args, **kwargs) -> "InputDict":
+        return InputDict({k: v.to(*args, **kwargs) for k, v in self.items()})
+
+    def numel(self) -> int:
+        return sum(v.numel() for v in self.values())
+
+
+def n_rows(X) -> int:
+    """Number of samples of a tensor or an :class:`InputDict`."""
+    if isinstance(X, dict):
+        return len(next(iter(X.values()))) if X else 0
+    return len(X) if X.ndim else 0
+
+
+def call_module(module, xb):
+    """``module(**xb)`` for a dict of inputs, else ``module(xb)`` (as skorch calls it)."""
+    return module(**xb) if isinstance(xb, dict) else module(xb)
+
+
 def _to_tensor(a, name):
     if torch.is_tensor(a):
         t = a.detach()
@@ -40,8 +81,43 @@ def _to_tensor(a, name):
         try:
             t = torch.as_tensor(np.asarray(a))
         except (TypeError, ValueError) as e:
-            raise TypeError(f"{name} must be an array-like or a tensor; got {type(a).__name__}") from e
+            raise TypeError(f"{name} must be an array-like or a tensor, or a dict of them; got "
+                            f"{type(a).__name__}") from e
     return t
+
+
+def _to_inputs(X):
+    """X as a tensor, or a dict-like of arrays as an :class:`InputDict` of equal-length tensors."""
+    if isinstance(X, dict) or (hasattr(X, "keys") and hasattr(X, "values")
+                               and not torch.is_tensor(X) and not hasattr(X, "columns")):
+        if not len(X):
+            raise ValueError("X is an empty dict; pass a dict of input arrays, one per argument of "
+                             "the module's forward")
+        out = InputDict({str(k): _to_tensor(v, f"X[{k!r}]") for k, v in dict(X).items()})
+        lengths = {k: n_rows(v) for k, v in out.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"the arrays of the dict X have different numbers of samples: "
+                             f"{lengths}")
+        return out
+    return _to_tensor(X, "X")
+
+
+def _integers_as(X, dtype):
+    """X with its integer (and boolean) tensors cast to ``dtype``; None when it has none."""
+    def cast(t):
+        return t if t.is_floating_point() or t.is_complex() else t.to(dtype)
+    if isinstance(X, dict):
+        if all(v.is_floating_point() for v in X.values()):
+            return None
+        return InputDict({k: cast(v) for k, v in X.items()})
+    return None if X.is_floating_point() else cast(X)
+
+
+def _describe(X) -> str:
+    if isinstance(X, dict):
+        return "given as a dict (" + ", ".join(f"{k}: shape {tuple(v.shape)}, {v.dtype}"
+                                               for k, v in X.items()) + ")"
+    return f"of shape {tuple(X.shape)} and dtype {X.dtype}"
 
 
 def _all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
@@ -163,16 +239,25 @@ class ModelData:
                              "`params` matched none")
         return names, {n: named[n] for n in names}
 
+    def _cast(self, t: torch.Tensor, name: str) -> torch.Tensor:
+        """Floating inputs: checked finite, cast to the module's dtype; others kept as they are
+        (integer token ids for ``nn.Embedding``)."""
+        if t.is_floating_point():
+            if not _all_finite(t):
+                raise ValueError(f"{name} contains NaN or inf; clean or impute the inputs first")
+            t = t.to(self.dtype)
+        return t
+
     def _set_data(self, X, y):
-        X = _to_tensor(X, "X")
-        if X.ndim == 0 or len(X) == 0:
+        X = _to_inputs(X)
+        if isinstance(X, InputDict):
+            X = InputDict({k: self._cast(v, f"X[{k!r}]") for k, v in X.items()})
+        else:
+            X = self._cast(X, "X")
+        self.n = n_rows(X)
+        if self.n == 0:
             raise ValueError("empty dataset: X has no samples; pass at least one sample")
-        if X.is_floating_point():
-            if not _all_finite(X):
-                raise ValueError("X contains NaN or inf; clean or impute the inputs first")
-            X = X.to(self.dtype)
         self.X = X
-        self.n = len(X)
         self.y = None
         if y is not None:
             y = _to_tensor(y, "y")
@@ -182,14 +267,30 @@ class ModelData:
                 raise ValueError("y contains NaN or inf")
             self.y = y
             self._drop_ignored()
+        m = min(self.n, self.batch_size)
         with torch.no_grad():
+            first = self.X[:m]
             try:
-                z = self._outputs(self.X[: min(self.n, self.batch_size)].to(self.device))
-            except RuntimeError as e:
-                raise ValueError(f"the module cannot process X of shape {tuple(self.X.shape)}: {e}. "
-                                 "Check that X has the number of features the module expects."
-                                 ) from e
+                z = self._outputs(first.to(self.device))
+            except (RuntimeError, TypeError, IndexError) as e:
+                # integer-valued features for a module that computes in floating point
+                floated = _integers_as(self.X, self.dtype)
+                try:
+                    z = self._outputs(floated[:m].to(self.device)) if floated is not None else None
+                except (RuntimeError, TypeError, IndexError):
+                    z = None
+                if z is not None:
+                    self.X = floated
+                    _check_outputs(z, slice(0, len(z)))
+                    return self._check_target(z)
+                raise ValueError(f"the module cannot process X {_describe(self.X)}: {e}. Pass X "
+                                 "as the net was trained on it (shape, dtype, and for a module "
+                                 "with several inputs a dict of arrays keyed by the names of "
+                                 "its forward arguments).") from e
         _check_outputs(z, slice(0, len(z)))
+        self._check_target(z)
+
+    def _check_target(self, z):
         self.n_outputs = z.shape[1]
         if self.y is not None:
             self.family.check_target(self.y, z if len(z) == self.n else
@@ -224,38 +325,81 @@ class ModelData:
     # -- layout ----------------------------------------------------------------------------
     @property
     def rules(self) -> list[LayerRule]:
-        """One rule per module that owns selected parameters, in parameter order."""
+        """How the layer records are formed: one rule per module that owns selected parameters,
+        in parameter order, when such records are exact for this network; else (a parameter
+        shared by modules, a module called several times, a module the rules cannot replay) one
+        :class:`~softrank.layers.JacobianRule` over all selected parameters, whose
+        ``reasons`` say why."""
         if self._rules is None:
-            owner = {}
-            rules = []
-            for mname, mod in self.net.named_modules():
-                own = [n for n, p in mod.named_parameters(recurse=False)
-                       if f"{mname}.{n}".lstrip(".") in set(self.param_names)]
-                for n in own:
-                    key = id(getattr(mod, n))
-                    if key in owner:
-                        raise UnsupportedLayerError(
-                            f"parameter {mname}.{n} is shared with {owner[key]}; layer-wise "
-                            "approximations need untied weights: use approximation='dense'")
-                    owner[key] = f"{mname}.{n}"
-                if own:
-                    rules.append(rule_for(mname, mod, own))
-            order = [f"{r.name}.{n}".lstrip(".") for r in rules for n in r.param_names]
-            assert order == self.param_names, (order, self.param_names)
-            self._rules = rules
+            rules, reasons = self._module_rules()
+            if not reasons:
+                reasons = self._check_records(rules)
+            self._rules = [JacobianRule(self.net, self.param_names, reasons)] if reasons else rules
         return self._rules
+
+    def _module_rules(self) -> tuple[list[LayerRule], list[str]]:
+        """(one rule per parameter-owning module, reasons they cannot give exact records)."""
+        selected = set(self.param_names)
+        name_of = {id(p): n for n, p in self.net.named_parameters()}
+        owners: dict[int, list[str]] = {}
+        for mname, mod in self.net.named_modules():
+            for p in mod.parameters(recurse=False):
+                owners.setdefault(id(p), []).append(mname)
+        reasons = [f"parameter {name_of[k]!r} is shared by the modules "
+                   + " and ".join(repr(m) for m in mods)
+                   for k, mods in owners.items() if len(mods) > 1 and name_of[k] in selected]
+        rules = []
+        for mname, mod in self.net.named_modules():
+            own = [n for n, p in mod.named_parameters(recurse=False)
+                   if name_of[id(p)] == f"{mname}.{n}".lstrip(".") and name_of[id(p)] in selected]
+            if own:
+                rules.append(rule_for(mname, mod, own))
+        order = [f"{r.name}.{n}".lstrip(".") for r in rules for n in r.param_names]
+        assert reasons or order == self.param_names, (order, self.param_names)
+        return rules, reasons
+
+    def _probe_rows(self):
+        return self.X[: min(self.n, 8)].to(self.device)
+
+    def _check_records(self, rules) -> list[str]:
+        """Reasons the layer records of ``rules`` are not exact, from one forward/backward pass
+        of a few samples: how each module was called, and whether the records' gradient of
+        Σ u·z (u random) equals autograd's."""
+        xb = self._probe_rows()
+        try:
+            z, calls = self._hooked_forward(xb, rules)
+            reasons = [r.call_problem(c, n_rows(xb)) for r, c in zip(rules, calls)]
+            reasons = [m for m in reasons if m]
+            if reasons:
+                return reasons
+            u = torch.randn(z.shape, generator=torch.Generator().manual_seed(0),
+                            dtype=torch.float64).to(z.device)
+            exact = torch.autograd.grad(z, self.params, grad_outputs=u.to(z.dtype),
+                                        retain_graph=True, allow_unused=True)
+            layers = self._layer_records(rules, z, calls, u.unsqueeze(0))
+            got = torch.cat([r.grad_sum(lb).reshape(-1).cpu() for r, lb in zip(rules, layers)])
+        except (RuntimeError, NotImplementedError, TypeError, ValueError, IndexError) as e:
+            return [f"the layer records cannot be formed ({type(e).__name__}: {e})"]
+        want = torch.cat([torch.zeros(p.numel(), dtype=torch.float64) if g is None
+                          else g.detach().double().reshape(-1).cpu()
+                          for p, g in zip(self.params, exact)])
+        tol = 1e-3 if self.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
+        if float((got - want).norm()) > tol * float(want.norm()) + 1e-30:
+            return ["the layer records do not reproduce the network's gradient (a parameter is "
+                    "used outside the call of the module that owns it)"]
+        return []
 
     def flat_params(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.params])
 
     # -- streaming -------------------------------------------------------------------------
     def _outputs(self, xb):
-        out = self.net(xb)
+        out = call_module(self.net, xb)
         if isinstance(out, (tuple, list)):
             out = out[0]
         if self.output_transform is not None:
             out = self.output_transform(out)
-        return out.reshape(len(xb), -1)
+        return out.reshape(n_rows(xb), -1)
 
     def _targets(self, sl, z):
         if self.y is None:
@@ -272,6 +416,8 @@ class ModelData:
             self.require_labels("the gradient second moment C")
         if vectors == "sampled":
             self.require_fisher("a sampled Fisher")
+        if vectors not in (None, "fisher", "residual", "jacobian", "sampled"):
+            raise ValueError(f"unknown vectors {vectors!r}")
         N = self.n if indices is None else len(indices)
         for start in range(0, N, self.batch_size):
             sl = slice(start, min(start + self.batch_size, N))
@@ -285,46 +431,70 @@ class ModelData:
                 continue
             yield self._backprop(xb, rows, sl, vectors, generator, mc_samples)
 
+    def _vectors(self, zd, y, vectors, generator, mc_samples) -> torch.Tensor:
+        """(V, N, K) float64 output-space vectors v_ic of one batch."""
+        if vectors == "fisher":
+            return self.family.factor(zd, y).permute(2, 0, 1)
+        if vectors == "residual":
+            return self.family.residual(zd, y).unsqueeze(0)
+        if vectors == "jacobian":  # rows of J_i: unit vectors e_k
+            K = zd.shape[1]
+            return torch.eye(K, dtype=zd.dtype, device=zd.device)[:, None, :].expand(
+                K, len(zd), K)
+        return torch.stack([self.family.sampled_residual(zd, generator)
+                            for _ in range(mc_samples)]) / mc_samples ** 0.5
+
     def _backprop(self, xb, rows, sl, vectors, generator, mc_samples):
         rules = self.rules
-        inputs, outputs, calls = {}, {}, {}
+        if isinstance(rules[0], JacobianRule):  # per-sample Jacobians of the whole network
+            with torch.no_grad():
+                z = self._outputs(xb)
+            _check_outputs(z, rows)
+            y = self._targets(rows, z)
+            zd = z.detach().double()
+            vecs = self._vectors(zd, y, vectors, generator, mc_samples)
+            _check_curvature_vectors(vecs, self.family, vectors)
+            S = torch.einsum("vnk,nkp->vnp", vecs, self.jacobians(xb).double())
+            return Batch(zd, y, [LayerBatch(None, S)], sl)
+        z, calls = self._hooked_forward(xb, rules)
+        for r, c in zip(rules, calls):
+            if len(c) > 1:
+                raise UnsupportedLayerError(
+                    f"module {r.name!r} ran {len(c)} times in one forward pass on this batch but "
+                    "at most once on the first samples; a network whose structure depends on "
+                    "the data cannot be measured layer by layer. Pass params=... to leave that "
+                    "module out.")
+        _check_outputs(z, rows)
+        y = self._targets(rows, z)
+        zd = z.detach().double()  # r_i and B_i in float64: a float32 π_y rounds to 1 (r_y to 0)
+        vecs = self._vectors(zd, y, vectors, generator, mc_samples)
+        _check_curvature_vectors(vecs, self.family, vectors)
+        return Batch(zd, y, self._layer_records(rules, z, calls, vecs), sl)
+
+    def _hooked_forward(self, xb, rules):
+        """(z with its graph, per rule the list of its calls (args, kwargs, output))."""
+        calls: list[list] = [[] for _ in rules]
 
         def hook(i):
-            def f(mod, args, out):
-                calls[i] = calls.get(i, 0) + 1
-                inputs[i], outputs[i] = args, out
+            def f(mod, args, kwargs, out):
+                calls[i].append((args, kwargs, out))
             return f
 
-        handles = [r.module.register_forward_hook(hook(i)) for i, r in enumerate(rules)]
+        handles = [r.module.register_forward_hook(hook(i), with_kwargs=True)
+                   for i, r in enumerate(rules)]
         try:
             with torch.enable_grad():
                 z = self._outputs(xb)
         finally:
             for h in handles:
                 h.remove()
-        for i, r in enumerate(rules):
-            if calls.get(i, 0) != 1:
-                raise UnsupportedLayerError(
-                    f"module {r.name!r} ran {calls.get(i, 0)} times in one forward pass; layer-wise "
-                    "computations need each parameter-owning module called once: use "
-                    "approximation='dense'")
-        _check_outputs(z, rows)
-        y = self._targets(rows, z)
-        zd = z.detach().double()  # r_i and B_i in float64: a float32 π_y rounds to 1 (r_y to 0)
-        if vectors == "fisher":
-            vecs = self.family.factor(zd, y).permute(2, 0, 1)  # (V, N, K)
-        elif vectors == "residual":
-            vecs = self.family.residual(zd, y).unsqueeze(0)
-        elif vectors == "jacobian":  # rows of J_i: unit vectors e_k
-            K = zd.shape[1]
-            vecs = torch.eye(K, dtype=zd.dtype, device=zd.device)[:, None, :].expand(K, len(zd), K)
-        elif vectors == "sampled":
-            vecs = torch.stack([self.family.sampled_residual(zd, generator)
-                                for _ in range(mc_samples)]) / mc_samples ** 0.5
-        else:
-            raise ValueError(f"unknown vectors {vectors!r}")
-        _check_curvature_vectors(vecs, self.family, vectors)
-        outs = [outputs[i] for i in range(len(rules))]
+        return z, calls
+
+    def _layer_records(self, rules, z, calls, vecs) -> list[LayerBatch]:
+        """One :class:`LayerBatch` per rule: the recorded inputs and the output gradients of
+        the V vectors ``vecs`` (V, N, K); zeros for a module that was not called."""
+        called = [i for i, c in enumerate(calls) if c]
+        outs = [calls[i][0][2] for i in called]
         # (V, N, *out) float64, filled pass by pass: one converting copy, no float32 stack
         grads = [torch.empty((len(vecs), *o.shape), dtype=torch.float64, device=o.device)
                  for o in outs]
@@ -332,11 +502,16 @@ class ModelData:
             gs = torch.autograd.grad(z, outs, grad_outputs=v, retain_graph=True, allow_unused=True)
             for i, g in enumerate(gs):
                 grads[i][c].zero_() if g is None else grads[i][c].copy_(g)
-        layers = [LayerBatch(r.record_input(inputs[i]), r.record_grad(grads[i]))
-                  for i, r in enumerate(rules)]
-        return Batch(zd, y, layers, sl)
+        layers = [None] * len(rules)
+        for i, g in zip(called, grads):
+            layers[i] = LayerBatch(rules[i].record_input(calls[i][0][0]), rules[i].record_grad(g))
+        V, N = vecs.shape[:2]
+        for i, r in enumerate(rules):
+            if layers[i] is None:
+                layers[i] = r.zero_record(V, N, z.device)
+        return layers
 
-    # -- whole-model functional views (dense paths, Hessian) --------------------------------
+    # -- whole-model functional views (dense paths, Hessian, shared parameters) -------------
     def functional_loss(self):
         """(flat θ, xb, yb) -> summed per-sample loss, for torch.func transforms."""
         names, shapes = self.param_names, [p.shape for p in self.params]
@@ -351,16 +526,43 @@ class ModelData:
             return out
 
         def outputs(theta, xb):
+            args, kwargs = ((), dict(xb)) if isinstance(xb, dict) else ((xb,), None)
             out = torch.func.functional_call(self.net, {**others, **buffers, **unflatten(theta)},
-                                             (xb,))
+                                             args, kwargs, tie_weights=True)
             if isinstance(out, (tuple, list)):
                 out = out[0]
             if self.output_transform is not None:
                 out = self.output_transform(out)
-            return out.reshape(xb.shape[0], -1)
+            return out.reshape(n_rows(xb), -1)
 
         def loss(theta, xb, yb):
             z = outputs(theta, xb).double()  # ℓ and its z-derivatives in float64
             return self.family.loss(z, self.family.prepare_target(yb, z)).sum()
 
         return outputs, loss
+
+    def jacobians(self, xb) -> torch.Tensor:
+        """(N, K, p) per-sample Jacobians :math:`J_i = \\partial z_i/\\partial\\theta` of the
+        outputs with respect to the selected parameters: ``vmap(jacrev)`` over the samples, or
+        reverse mode one sample at a time where torch.func cannot batch a module (``nn.LSTM``
+        in float64). Exact for any differentiable module, shared parameters included."""
+        outputs, _ = self.functional_loss()
+        theta = self.flat_params()
+        xs = dict(xb) if isinstance(xb, dict) else xb
+
+        def z_one(th, x):
+            return outputs(th, _one_row(x)).squeeze(0)
+
+        try:
+            return torch.func.vmap(torch.func.jacrev(z_one), in_dims=(None, 0))(theta, xs)
+        except (RuntimeError, NotImplementedError):
+            pass
+
+        def jac(i):
+            x = xb[i:i + 1]
+            return torch.autograd.functional.jacobian(lambda th: outputs(th, x)[0], theta)
+        return torch.stack([jac(i) for i in range(n_rows(xb))])
+
+
+def _one_row(x):
+    return {k: v.unsqueeze(0) for k, v in x.items()} if isinstance(x, dict) else x.unsqueeze(0)

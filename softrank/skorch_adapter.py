@@ -8,7 +8,9 @@ Everything that knows about skorch lives here; :mod:`softrank.estimators` only a
   ``module_``), so a net restored with ``initialize()`` + ``load_params()`` counts as fitted;
 * :func:`output_transform` — ``NeuralNetClassifier`` with ``NLLLoss`` trains on
   :math:`z = \log(p + \varepsilon)` of the module's probabilities (skorch's ``get_loss``);
-* :func:`check_X` / :func:`check_y` — data converted as skorch would train on it;
+* :func:`check_X` / :func:`check_y` — data converted as skorch would train on it: an array,
+  or a dict of arrays (a :class:`skorch.helper.SliceDict`) passed to the module as keyword
+  arguments; :func:`split_dataset` turns a torch ``Dataset`` of (Xi, yi) items into (X, y);
 * :func:`weight_decay_lam` — :math:`\Lambda` from the optimizer's parameter groups
   (``weight_decay=wd`` on a mean loss is :math:`\Lambda = wd\cdot I`; a summed loss
   divides it by the samples per optimizer step);
@@ -33,15 +35,18 @@ from sklearn.pipeline import Pipeline
 from sklearn.utils import check_array, column_or_1d
 from sklearn.utils.multiclass import check_classification_targets
 from torch import nn
+from torch.utils.data import Dataset
 
 try:  # skorch is a hard dependency; the guard only sharpens the error message
     from skorch import NeuralNet, NeuralNetBinaryClassifier, NeuralNetClassifier
     from skorch import NeuralNetRegressor
+    from skorch.helper import SliceDict
 except ImportError as e:  # pragma: no cover
     raise ImportError("softrank's scikit-learn estimators need skorch: pip install skorch") from e
 
 __all__ = ["split_estimator", "is_fitted", "check_fitted", "net_kind", "output_transform",
            "log_probabilities", "module_dtype", "check_X", "check_y", "num_samples",
+           "split_dataset", "is_dict_like",
            "check_labels_seen", "classes_of",
            "weight_decay_lam", "n_trained", "per_sample_loss", "mean_loss", "preserved_modes",
            "model_data", "NET_TYPES"]
@@ -141,25 +146,106 @@ _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float1
 
 
 # -- data ------------------------------------------------------------------------------------
-def check_X(X, dtype: torch.dtype | None = None) -> np.ndarray:
-    """Validate inputs (finite, numeric, ≥ 2-D, non-empty) and cast them to ``dtype``.
+def is_dict_like(X) -> bool:
+    """A dict of input arrays (a plain dict or skorch's SliceDict), not a DataFrame."""
+    return isinstance(X, dict)
 
+
+def split_dataset(X, y=None):
+    """(X, y) of a torch ``Dataset`` whose items are (Xi, yi) pairs, as skorch reads one
+    (its default collation: arrays, or dicts of arrays, stacked over the items); other X and y
+    are returned as they are."""
+    if not isinstance(X, Dataset):
+        return X, y
+    name = type(X).__name__
+    if y is not None:
+        raise ValueError(f"X is a torch Dataset ({name}), whose items hold the targets; pass "
+                         "y=None (or pass X and y as arrays)")
+    try:
+        n = len(X)
+        items = [X[i] for i in range(n)]
+    except TypeError as e:
+        raise TypeError(f"X is a torch Dataset ({name}) without __len__ or integer indexing; "
+                        "pass X and y as arrays (or a dict of arrays) instead") from e
+    if not n:
+        raise ValueError(f"empty dataset: the torch Dataset X ({name}) has no items")
+    if not all(isinstance(it, (tuple, list)) and len(it) == 2 for it in items):
+        raise ValueError(f"the items of the torch Dataset X ({name}) must be (Xi, yi) pairs, as "
+                         "skorch expects; pass X and y as arrays (or a dict of arrays) instead")
+    from torch.utils.data import default_collate
+    Xs, ys = default_collate(items)
+    if getattr(X, "y", "") is None:  # skorch.dataset.Dataset(X, y=None): yi is a placeholder
+        ys = None
+    to_np = (lambda t: t.numpy() if torch.is_tensor(t) else np.asarray(t))
+    Xs = SliceDict(**{k: to_np(v) for k, v in Xs.items()}) if isinstance(Xs, dict) else to_np(Xs)
+    return Xs, (None if ys is None else to_np(ys))
+
+
+def _takes_integers(module, X) -> bool:
+    """Whether (a private copy of) ``module`` accepts the first rows of integer X as they are
+    (token ids for nn.Embedding) rather than needing them cast to floating point."""
+    m = copy.deepcopy(module).eval()
+    first = next(m.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
+    rows = {k: torch.as_tensor(v[:2]).to(device) for k, v in X.items()} if is_dict_like(X) \
+        else torch.as_tensor(X[:2]).to(device)
+    try:
+        with torch.no_grad():
+            m(**rows) if isinstance(rows, dict) else m(rows)
+    except (RuntimeError, TypeError, IndexError):
+        return False
+    return True
+
+
+def _check_array(X, name, target, ensure_2d=True):
+    if torch.is_tensor(X):
+        X = X.detach().cpu().numpy()
+    X = check_array(X, dtype="numeric", allow_nd=True, ensure_all_finite=True, input_name=name,
+                    ensure_2d=ensure_2d)
+    if X.dtype.kind != "f":
+        return X
+    out = X.astype(target, copy=False)
+    if out.dtype != X.dtype and not np.isfinite(out).all():
+        big = float(np.abs(X).max())
+        raise ValueError(f"{name} has values up to {big:.3g}, which overflow the module's dtype "
+                         f"{np.dtype(target).name} (largest finite value "
+                         f"{float(np.finfo(target).max):.3g}): rescale {name} (e.g. with "
+                         "sklearn.preprocessing.StandardScaler) or use a float64 module")
+    return out
+
+
+def check_X(X, dtype: torch.dtype | None = None, module: nn.Module | None = None):
+    """Validate inputs (finite, numeric, ≥ 2-D, non-empty); floating ones are cast to ``dtype``.
+
+    X is an array-like or tensor, or a dict of them (returned as a
+    :class:`skorch.helper.SliceDict`, which skorch passes to the module as keyword arguments).
+    Integer inputs (token ids) are kept as they are, as skorch keeps them; when ``module`` is
+    given and rejects them, they are integer-valued features and are cast to ``dtype`` too.
     skorch feeds arrays to the module as they come; a float64 array into a float32 module
     fails there. The measures cast to the module's dtype anyway, so the estimators do the same
     when they train or evaluate a bare net."""
-    if torch.is_tensor(X):
-        X = X.detach().cpu().numpy()
-    X = check_array(X, dtype="numeric", allow_nd=True, ensure_all_finite=True,
-                    input_name="X")
     target = _NP_DTYPES.get(dtype or torch.get_default_dtype(), np.float32)
-    out = X.astype(target, copy=False)
-    if out.dtype != X.dtype and out.dtype.kind == "f" and not np.isfinite(out).all():
-        big = float(np.abs(X).max())
-        raise ValueError(f"X has values up to {big:.3g}, which overflow the module's dtype "
-                         f"{np.dtype(target).name} (largest finite value "
-                         f"{float(np.finfo(target).max):.3g}): rescale X (e.g. with "
-                         "sklearn.preprocessing.StandardScaler) or use a float64 module")
-    return out
+    if isinstance(X, Dataset):
+        raise TypeError(f"X is a torch Dataset ({type(X).__name__}); split it into arrays with "
+                        "split_dataset first")
+    if is_dict_like(X):
+        if not X:
+            raise ValueError("X is an empty dict; pass one array per argument of the module's "
+                             "forward")
+        arrays = {str(k): _check_array(v, f"X[{k!r}]", target, False) for k, v in X.items()}
+        lengths = {k: len(v) for k, v in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"the arrays of the dict X have different numbers of samples: "
+                             f"{lengths}")
+        X = SliceDict(**arrays)
+        ints = any(v.dtype.kind != "f" for v in X.values())
+    else:
+        X = _check_array(X, "X", target)
+        ints = X.dtype.kind != "f"
+    if ints and module is not None and not _takes_integers(module, X):
+        cast = (lambda a: a.astype(target) if a.dtype.kind in "biu" else a)
+        X = SliceDict(**{k: cast(v) for k, v in X.items()}) if is_dict_like(X) else cast(X)
+    return X
 
 
 def _check_has_parameters(net) -> None:
@@ -245,7 +331,9 @@ def check_y(net, y, n_samples: int | None = None, dtype: torch.dtype | None = No
 
 
 def num_samples(X) -> int:
-    """Number of samples of an array-like, DataFrame or tensor."""
+    """Number of samples of an array-like, DataFrame, tensor or dict of arrays."""
+    if is_dict_like(X) and not isinstance(X, SliceDict):
+        return len(next(iter(X.values()))) if X else 0
     shape = getattr(X, "shape", None)
     return int(shape[0]) if shape is not None and len(shape) else len(X)
 
@@ -481,10 +569,11 @@ def model_data(estimator, X, y=None, *, params=None, batch_size: int = 256, devi
 
     pre, net = split_estimator(estimator)
     check_fitted(estimator, "measuring needs a fitted net")
+    X, y = split_dataset(X, y)
     if pre is not None:
         X = pre.transform(X)
     dtype = module_dtype(net)
-    X = check_X(X, dtype)
+    X = check_X(X, dtype, net.module_)
     if y is not None:
         y = check_y(net, y, len(X), dtype)
         check_labels_seen(net, y)

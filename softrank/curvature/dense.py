@@ -7,6 +7,9 @@ Per batch: per-sample Jacobians :math:`J_i` (``vmap(jacrev)``), then
 * :math:`H = \nabla^2_\theta \frac1n\sum_i\ell_i` (``torch.func.hessian``).
 
 This path does not use the layer rules, so it also covers weight sharing and any layer type.
+Where torch.func cannot batch a module over samples (``nn.LSTM`` in float64) or has no
+forward-mode rule for it, the Jacobians and the Hessian fall back to reverse mode, one sample
+(one Hessian row) at a time.
 """
 from __future__ import annotations
 
@@ -30,15 +33,20 @@ def _check_size(md, max_params, matrix="fisher"):
             f"max_params={max_params}. Use {other}, or count fewer parameters with params.")
 
 
-def per_sample_jacobians(md, xb: torch.Tensor) -> torch.Tensor:
-    """(N, K, p) Jacobians of the outputs z_i with respect to the selected parameters."""
-    outputs, _ = md.functional_loss()
-    theta = md.flat_params()
+def per_sample_jacobians(md, xb) -> torch.Tensor:
+    """(N, K, p) Jacobians of the outputs z_i with respect to the selected parameters
+    (:meth:`softrank.model.ModelData.jacobians`)."""
+    return md.jacobians(xb)
 
-    def z_one(th, x):
-        return outputs(th, x.unsqueeze(0)).squeeze(0)
 
-    return torch.func.vmap(torch.func.jacrev(z_one), in_dims=(None, 0))(theta, xb)
+def _batch_hessian(loss, theta, xb, yb) -> torch.Tensor:
+    """Hessian of ``loss(θ, xb, yb)``: forward-over-reverse (``torch.func.hessian``), or
+    reverse-over-reverse, one row per backward pass, for modules without forward-mode AD
+    (``nn.LSTM``)."""
+    try:
+        return torch.func.hessian(loss)(theta, xb, yb)
+    except (RuntimeError, NotImplementedError):
+        return torch.autograd.functional.hessian(lambda th: loss(th, xb, yb), theta)
 
 
 def dense_curvature(md, matrix: str, *, generator=None, mc_samples: int = 1,
@@ -57,7 +65,7 @@ def dense_curvature(md, matrix: str, *, generator=None, mc_samples: int = 1,
         for start in range(0, md.n, md.batch_size):
             xb = md.X[start:start + md.batch_size].to(md.device)
             yb = md.y[start:start + md.batch_size].to(md.device)
-            M += torch.func.hessian(loss)(theta, xb, yb).double()
+            M += _batch_hessian(loss, theta, xb, yb).double()
     else:
         if matrix == "gsm":
             md.require_labels("the gradient second moment C")

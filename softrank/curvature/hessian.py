@@ -29,7 +29,10 @@ def hessian_vector_product(md, v: torch.Tensor) -> torch.Tensor:
         # reverse-over-reverse (H is symmetric, so vjp of the gradient is H u): unlike
         # forward-over-reverse it also works for criteria without forward AD (e.g. HuberLoss)
         _, vjp = torch.func.vjp(lambda th: grad(th, xb, yb), theta)
-        out += torch.func.vmap(lambda u: vjp(u)[0], in_dims=1, out_dims=1)(
-            V.to(theta.dtype)).double()
+        U = V.to(theta.dtype)
+        try:
+            out += torch.func.vmap(lambda u: vjp(u)[0], in_dims=1, out_dims=1)(U).double()
+        except (RuntimeError, NotImplementedError):  # no batching rule (nn.LSTM in float64)
+            out += torch.stack([vjp(u)[0] for u in U.T], 1).double()
     out /= md.n
     return out if cols else out[:, 0]

@@ -31,11 +31,16 @@ from .base import Curvature
 __all__ = ["KroneckerCurvature", "KroneckerSums", "require_kfac_capable"]
 
 
-def require_kfac_capable(rules, what: str = "KFAC") -> None:
-    """Raise the layer's clear error when a rule has no Kronecker factorization."""
+#: what a user of ``approximation=`` can choose instead of a Kronecker factorization
+APPROXIMATION_ALTERNATIVES = "approximation='exact', 'gram', 'diagonal' or 'matrix_free'"
+
+
+def require_kfac_capable(rules, what: str = "KFAC", alternatives: str | None = None) -> None:
+    """Raise the layer's clear error when a rule has no Kronecker factorization; the message
+    ends with ``alternatives`` (the caller's options without that restriction), if given."""
     for r in rules:
         if not r.kfac_capable:
-            r.unsupported(what)
+            r.unsupported(what, alternatives)
 
 
 class KroneckerSums:
@@ -65,7 +70,8 @@ class KroneckerCurvature(Curvature):
         self.matrix = matrix
         self.approximation = "ekfac" if ekfac else "kfac"
         self.rules = md.rules
-        require_kfac_capable(self.rules, self.approximation.upper())
+        require_kfac_capable(self.rules, f"approximation={self.approximation!r}",
+                             APPROXIMATION_ALTERNATIVES)
         sums = KroneckerSums(self.rules)
         for b in md.batches(vectors, generator, mc_samples):
             sums.add(b.layers)
