@@ -204,7 +204,8 @@ def _check_array(X, name, target, ensure_2d=True):
                     ensure_2d=ensure_2d)
     if X.dtype.kind != "f":
         return X
-    out = X.astype(target, copy=False)
+    with np.errstate(over="ignore"):  # an overflowing cast is reported below
+        out = X.astype(target, copy=False)
     if out.dtype != X.dtype and not np.isfinite(out).all():
         big = float(np.abs(X).max())
         raise ValueError(f"{name} has values up to {big:.3g}, which overflow the module's dtype "
