@@ -1,4 +1,7 @@
 """softrank: how well will a trained network generalize — from its training data alone."""
+from . import _doc
+
+_doc.install()  # docstrings read in a terminal: Unicode formulas instead of TeX markup
 from .curvature import curvature
 from .estimators import TIC, ApproxLOO, GapEstimator, HessianNorm, SoftRankFIM, TraceRatio
 from .callbacks import EstimatedLossEarlyStopping, GapTracker

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._progress import bar
 from .families import LossFamily, UnsupportedCriterionError, family_for
 from .layers import LayerBatch, LayerRule, UnsupportedLayerError, rule_for
 
@@ -231,7 +232,8 @@ class ModelData:
         if vectors == "sampled":
             self.require_fisher("a sampled Fisher")
         N = self.n if indices is None else len(indices)
-        for start in range(0, N, self.batch_size):
+        starts = range(0, N, self.batch_size)
+        for start in bar(starts, desc=f"data pass ({vectors or 'outputs'})", unit="batch"):
             sl = slice(start, min(start + self.batch_size, N))
             rows = sl if indices is None else indices[sl]
             xb = self.X[rows].to(self.device)
