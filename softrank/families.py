@@ -1,4 +1,4 @@
-r"""Loss families: from a criterion to the output-space quantities of SPEC §3.
+r"""Loss families: from a criterion to the output-space quantities of the family table.
 
 For a network output :math:`z_i` (the natural parameter of the predictive distribution) a
 family gives
@@ -28,7 +28,8 @@ __all__ = [
 
 
 class UnsupportedCriterionError(TypeError):
-    """A Fisher-based measure was asked of a criterion outside the family table (SPEC §3)."""
+    """A Fisher-based measure was asked of a criterion outside the family table
+    (CrossEntropyLoss, NLLLoss, BCEWithLogitsLoss, MSELoss, PoissonNLLLoss(log_input=True))."""
 
 
 class LossFamily:
@@ -274,7 +275,7 @@ def family_for(criterion: nn.Module | type, *, require_fisher: bool = False) -> 
     """The :class:`LossFamily` of a criterion (instance or class).
 
     ``require_fisher=True`` raises :class:`UnsupportedCriterionError` for criteria outside the
-    family table of SPEC §3 (the Fisher-based measures need one).
+    family table (the Fisher-based measures need one).
     """
     crit = criterion() if isinstance(criterion, type) else criterion
     if isinstance(crit, nn.CrossEntropyLoss):

@@ -11,7 +11,7 @@ For a curvature :math:`F` (the Fisher of the training data) and per-sample vecto
   :math:`t_i = g_i^\top(F+\Lambda)^{-1}g_i/m`, which sum to the TIC
   :math:`\mathrm{Tr}\,C(F+\Lambda)^{-1}`. With F of all n training samples, :math:`t_i` is, to
   first order, how much sample i's loss rises when it is left out
-  (:math:`r_i^\top P_i r_i`, SPEC §4a): large for samples the net cannot explain from the
+  (:math:`r_i^\top P_i r_i`): large for samples the net cannot explain from the
   others — mislabelled ones.
 
 The quadratic forms come from the representation: Woodbury rows against the Gram kernel
@@ -175,7 +175,7 @@ def rank_samples(estimator, X, y=None, *, score: str = "tic", lam="auto",
     * ``'leverage'`` — :math:`\mathrm{Tr}\,F_i(F+\Lambda)^{-1}/m` (no labels; sum: the soft
       rank): samples that pin down their own directions of parameter space (atypical inputs);
     * ``'loo'`` — :math:`(\ell(y_i, z_i^{(-i)}) - \ell_i)/m`, the approximate leave-one-out
-      loss increase (SPEC §4a; ``approximation`` 'exact' or 'kfac'; sum: the LOO gap);
+      loss increase (``approximation`` 'exact' or 'kfac'; sum: the LOO gap);
     * ``'loss'`` — :math:`\ell_i/m` (a baseline; sum: the training loss).
 
     F is the Fisher of (X, y) under ``approximation`` (default 'kfac'; 'exact' is the dense or

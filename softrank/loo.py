@@ -1,4 +1,4 @@
-r"""Approximate leave-one-out in output space (SPEC §4a).
+r"""Approximate leave-one-out in output space.
 
 For the objective :math:`\sum_i \ell_i + \frac n2\theta^\top\Lambda\theta` (Gauss–Newton
 Hessian :math:`n(F+\Lambda)`), removing point i and taking one Newton step moves its output to
@@ -170,7 +170,7 @@ def _cg_blocks(md, L, indices, tol, maxiter, preconditioner):
 def approx_loo(md, lam, method: str = "exact", *, n_points: int | None = None,
                random_state=None, tol: float = 1e-8, maxiter: int = 500,
                preconditioner: str | None = "kfac", memory_budget=None) -> LOOResult:
-    """Approximate leave-one-out estimate of the test loss of ``md``'s network (SPEC §4a).
+    """Approximate leave-one-out estimate of the test loss of ``md``'s network.
 
     ``md`` holds the training data (curvature samples); ``md.n_train`` is n of the objective.
     ``method``: 'exact', 'kfac' or 'subsample' (``n_points`` random points, CG against the

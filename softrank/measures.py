@@ -1,4 +1,4 @@
-r"""Measures (SPEC §4) as plain functions of a :class:`~softrank.model.ModelData`.
+r"""Measures as plain functions of a :class:`~softrank.model.ModelData`.
 
 Each returns a frozen :class:`MeasureResult` — the value, the generalization-gap estimate in
 loss units where the measure defines one, n, λ, the approximation and diagnostics.
@@ -101,7 +101,7 @@ def soft_rank(md, lam, approximation: str = "exact", matrix: str = "fisher", *,
 
 
 def soft_rank_gap(md, lam, approximation: str = "exact", **kw) -> MeasureResult:
-    """The soft-rank gap estimate (SPEC §1); same as :func:`soft_rank` on F, labels required."""
+    """The soft-rank gap estimate :math:`\alpha\,\mathrm{rank}_\Lambda(F)/n`; same as :func:`soft_rank` on F, labels required."""
     md.require_labels("the soft-rank gap estimate")
     md.require_fisher("the soft-rank gap estimate")
     return soft_rank(md, lam, approximation, "fisher", **kw)
@@ -193,8 +193,8 @@ def hessian_norms(md, ord: str = "trace", *, max_params: int = DEFAULT_MAX_PARAM
 
 def effective_dimension(md, lam, approximation: str = "exact", matrix: str = "fisher",
                         **kw) -> MeasureResult:
-    r"""Log-det effective dimension :math:`\sum_j \log(1+\sigma_j/\lambda)` (concave trace
-    family, SPEC §4)."""
+    r"""Log-det effective dimension :math:`\sum_j \log(1+\sigma_j/\lambda)` (a concave
+    trace function of the spectrum)."""
     M = curvature(md, matrix, approximation, **kw)
     L = M.lam(lam)
     value = M.logdet_dim(L)

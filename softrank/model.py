@@ -1,7 +1,7 @@
 r"""A trained network together with the data it is measured on.
 
 :class:`ModelData` is the one entry point of the curvature layer: it holds a private evaluation
-copy of the module (the user's model is never touched: SPEC §6), the loss family of the
+copy of the module (the user's model is never touched), the loss family of the
 criterion, the parameters that count, and the data, and it streams batches of
 
 * network outputs :math:`z_i` (2-D, ``(N, K)``),
@@ -63,7 +63,7 @@ class ModelData:
     module : nn.Module
         The trained network. A private copy in evaluation mode is used.
     criterion : nn.Module
-        The loss the network was trained with (SPEC §3 family table, or any other).
+        The loss the network was trained with (a criterion of the family table, or any other).
     X, y : array-like or tensors
         The data (training data for the measures). ``y`` may be None for label-free quantities.
     params : None, list of names, or callable(name, parameter) -> bool

@@ -16,8 +16,7 @@ r"""Scorers and the in-sample splitter: model selection by estimated test loss, 
                             cv=InSampleSplit())
 
 With an ordinary CV splitter the scorer sees held-out data: the loss term is then the
-held-out loss, and a measure built by the scorer (plain nets) is its held-out version
-(SPEC §2).
+held-out loss, and a measure built by the scorer (plain nets) is its held-out version.
 """
 from __future__ import annotations
 

@@ -10,14 +10,14 @@ Everything that knows about skorch lives here; :mod:`softrank.estimators` only a
   :math:`z = \log(p + \varepsilon)` of the module's probabilities (skorch's ``get_loss``);
 * :func:`check_X` / :func:`check_y` — data converted as skorch would train on it;
 * :func:`weight_decay_lam` — :math:`\Lambda` from the optimizer's parameter groups
-  (``weight_decay=wd`` on a mean loss is :math:`\Lambda = wd\cdot I`, SPEC §2);
+  (``weight_decay=wd`` on a mean loss is :math:`\Lambda = wd\cdot I`);
 * :func:`n_trained` — n, the number of samples the net actually trained on (skorch's
   ``train_split`` holds out 20 % by default);
 * :func:`mean_loss` — the mean loss in evaluation mode, with the criterion exactly as trained;
 * :func:`preserved_modes` — train/eval flags restored after delegating to ``net.predict``.
 
 None of these changes the net: parameters, buffers, modes, hooks and optimizer state stay
-bit-identical (SPEC §6).
+bit-identical.
 """
 from __future__ import annotations
 
@@ -256,7 +256,7 @@ def n_trained(net, X, y) -> tuple[int, str]:
 # -- loss ------------------------------------------------------------------------------------
 def per_sample_loss(md) -> torch.Tensor:
     r"""(n,) float64 :math:`\ell_i`: the criterion with ``reduction='none'`` on the model's z,
-    averaged over non-batch dimensions (SPEC §2), evaluated on ``md``'s private eval copy."""
+    averaged over non-batch dimensions, evaluated on ``md``'s private eval copy."""
     crit = copy.deepcopy(md.criterion).double()
     if hasattr(crit, "reduction"):
         crit.reduction = "none"
