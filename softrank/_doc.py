@@ -17,11 +17,11 @@ Two mechanisms:
 """
 from __future__ import annotations
 
-import importlib.abc
+import importlib
 import importlib.machinery
-import inspect
 import re
 import sys
+import types
 
 __all__ = ["PARAMETERS", "ATTRIBUTES", "compose", "composed_source", "terminal_text",
            "tex_to_text", "install"]
@@ -180,6 +180,8 @@ _SOURCES: dict[str, str] = {}
 def _signature_names(cls) -> list[str]:
     """The named parameters of ``cls.__init__``; all of :data:`PARAMETERS` for a base class
     without its own ``__init__``."""
+    import inspect
+
     kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     names = [p.name for p in inspect.signature(cls.__init__).parameters.values()
              if p.name != "self" and p.kind not in kinds]
@@ -190,6 +192,8 @@ def compose(cls):
     """Class decorator: complete ``cls.__doc__`` with the shared :data:`PARAMETERS` and
     :data:`ATTRIBUTES` (see the module docstring); the result is kept for the documentation
     build (:func:`composed_source`) and ``__doc__`` becomes its terminal form."""
+    import inspect
+
     doc = inspect.cleandoc(cls.__doc__ or "")
     intro, sections = _sections(doc)
     titles = [t for t, _ in sections]
@@ -223,6 +227,8 @@ def composed_source(path: str) -> str | None:
 
 def documented_parameters(cls) -> set[str]:
     """Names in the Parameters section of ``cls``'s (composed) docstring."""
+    import inspect
+
     doc = _SOURCES.get(f"{cls.__module__}.{cls.__qualname__}") or inspect.getdoc(cls) or ""
     return set(_entries(dict(_sections(doc)[1]).get("Parameters", "")))
 
@@ -430,12 +436,12 @@ def _rewrite(obj, seen: set) -> None:
             obj.__doc__ = new
     except (AttributeError, TypeError):
         return
-    if inspect.isclass(obj):
-        for name, member in vars(obj).items():
+    if isinstance(obj, type):
+        for member in vars(obj).values():
             if isinstance(member, (staticmethod, classmethod)):
                 member = member.__func__
-            if inspect.isfunction(member) or isinstance(member, property) or (
-                    inspect.isclass(member) and member.__module__ == obj.__module__):
+            if isinstance(member, (types.FunctionType, property)) or (
+                    isinstance(member, type) and member.__module__ == obj.__module__):
                 _rewrite(member, seen)
 
 
@@ -445,12 +451,12 @@ def rewrite_module(module) -> None:
     seen: set = set()
     _rewrite(module, seen)
     for value in list(vars(module).values()):
-        if (inspect.isfunction(value) or inspect.isclass(value)) and \
+        if isinstance(value, (types.FunctionType, type)) and \
                 getattr(value, "__module__", None) == module.__name__:
             _rewrite(value, seen)
 
 
-class _Loader(importlib.abc.Loader):
+class _Loader:
     def __init__(self, loader):
         self.loader = loader
 
@@ -465,7 +471,7 @@ class _Loader(importlib.abc.Loader):
         return getattr(self.loader, name)
 
 
-class _Finder(importlib.abc.MetaPathFinder):
+class _Finder:
     def find_spec(self, name, path, target=None):
         if not name.startswith("softrank.") or name.startswith("softrank._doc"):
             return None

@@ -101,7 +101,8 @@ def soft_rank(md, lam, approximation: str = "exact", matrix: str = "fisher", *,
 
 
 def soft_rank_gap(md, lam, approximation: str = "exact", **kw) -> MeasureResult:
-    """The soft-rank gap estimate :math:`\alpha\,\mathrm{rank}_\Lambda(F)/n`; same as :func:`soft_rank` on F, labels required."""
+    r"""The soft-rank gap estimate :math:`\alpha\,\mathrm{rank}_\Lambda(F)/n`; same as
+    :func:`soft_rank` on F, labels required."""
     md.require_labels("the soft-rank gap estimate")
     md.require_fisher("the soft-rank gap estimate")
     return soft_rank(md, lam, approximation, "fisher", **kw)
