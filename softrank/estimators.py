@@ -115,6 +115,14 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
     --------
     InSampleSplit : cross-validation splitter for selecting by estimated test loss.
     make_gap_scorer : a scorer from any gap estimator.
+
+    Examples
+    --------
+    >>> from softrank import GapEstimator, SoftRankFIM, ApproxLOO
+    >>> all(issubclass(c, GapEstimator) for c in (SoftRankFIM, ApproxLOO))
+    True
+    >>> SoftRankFIM(None, approximation="kfac").get_params()["approximation"]
+    'kfac'
     """
 
     _needs_lam = True

@@ -272,10 +272,33 @@ class GenericGGN(LossFamily):
 
 
 def family_for(criterion: nn.Module | type, *, require_fisher: bool = False) -> LossFamily:
-    """The :class:`LossFamily` of a criterion (instance or class).
+    r"""The :class:`LossFamily` of a criterion (instance or class).
 
-    ``require_fisher=True`` raises :class:`UnsupportedCriterionError` for criteria outside the
-    family table (the Fisher-based measures need one).
+    Parameters
+    ----------
+    criterion : torch.nn.Module or type
+        The loss, e.g. ``nn.CrossEntropyLoss()``.
+    require_fisher : bool, default=False
+        Raise for criteria outside the family table (the Fisher-based measures need one).
+
+    Returns
+    -------
+    LossFamily
+        Categorical, Bernoulli, Gaussian, Poisson, or GenericGGN (curvature from autograd, no
+        Fisher) for any other criterion.
+
+    Raises
+    ------
+    UnsupportedCriterionError
+        With ``require_fisher=True``, for a criterion outside the family table
+        (CrossEntropyLoss, NLLLoss, BCEWithLogitsLoss, MSELoss, PoissonNLLLoss(log_input=True)).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from softrank import family_for
+    >>> type(family_for(nn.CrossEntropyLoss())).__name__, family_for(nn.L1Loss).is_fisher
+    ('Categorical', False)
     """
     crit = criterion() if isinstance(criterion, type) else criterion
     if isinstance(crit, nn.CrossEntropyLoss):

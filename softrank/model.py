@@ -76,6 +76,20 @@ class ModelData:
         n of the gap estimates: the number of samples the model was trained on (default len(X)).
     device, dtype : optional
         Where/in which precision the copy runs (default: the module's). Sums are float64 anyway.
+
+    See Also
+    --------
+    curvature : curvature matrices of a ModelData.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from softrank import ModelData
+    >>> X, y = torch.randn(100, 5), torch.randint(0, 3, (100,))
+    >>> md = ModelData(nn.Linear(5, 3), nn.CrossEntropyLoss(), X, y)
+    >>> md.n, md.n_params, md.n_train
+    (100, 18, 100)
     """
 
     def __init__(self, module: nn.Module, criterion: nn.Module, X, y=None, *,
