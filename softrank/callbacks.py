@@ -56,7 +56,7 @@ __all__ = ["GapTracker", "EstimatedLossEarlyStopping", "default_tracker_measure"
 def default_tracker_measure() -> SoftRankFIM:
     """Calibrated KFAC soft-rank estimate rank_Λ(F)/n on a fixed subsample of 512 training
     samples (seed 0)."""
-    return SoftRankFIM(None, approximation="kfac", calibrated=True, n_curvature_samples=512,
+    return SoftRankFIM(None, approximation="kfac", gap_formula="rank", n_curvature_samples=512,
                        random_state=0)
 
 

@@ -11,6 +11,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -383,5 +384,29 @@ def test_output_comparison_catches_a_changed_number(tmp_path):
     assert sync.differences(b, "gap 0.1564 (5.0 s)\n")  # three units
     assert sync.differences(b, "gap 0.1542 (5.0 s)\n")  # 1.6 % off
     assert sync.differences(b, "loss 0.1567 (5.0 s)\n")  # other text
-    b.volatile = re.compile(r" s\)")
-    assert sync.differences(b, "gap 0.9 (9.0 s)\n") == []
+    b.volatile = re.compile(r"[\d.]+(?= s\))")  # the time is not compared, the gap is
+    assert sync.differences(b, "gap 0.1567 (9.0 s)\n") == []
+    assert sync.differences(b, "gap 0.9 (5.0 s)\n")
+
+
+# -- study figures -----------------------------------------------------------------------------
+
+def test_key_comparison_figures_read_at_page_width(tmp_path):
+    """One figure per key comparison, at most two panels per row, 150 dpi, 12-point labels."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from softrank.study.plots import KEY_COMPARISONS, plot_comparison, plot_key_comparisons
+
+    rng = np.random.default_rng(0)
+    rows = [{"observed_gap": g, "est_softrank_gram": g * rng.uniform(0.5, 2),
+             "est_softrank_kfac": 2 * g, "hessian_trace": rng.uniform(),
+             "alpha_train": rng.uniform(0.01, 1), "train_loss": 0.1}
+            for g in rng.uniform(0.05, 1, 12)]
+    paths = plot_key_comparisons(rows, tmp_path, prefix="m_")
+    assert [p.name for p in paths] == [f"m_{k}.png" for k in KEY_COMPARISONS]
+    width = imread(paths[1]).shape[1]  # two panels of 4.5 in at 150 dpi
+    assert width == pytest.approx(2 * 4.5 * 150, rel=0.02)
+    assert plot_comparison([{"observed_gap": 1.0}], tmp_path / "x.png", "estimators") is None
+    with pytest.raises(ValueError, match="must be one of"):
+        plot_comparison(rows, tmp_path / "x.png", "nope")
