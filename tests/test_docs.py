@@ -405,8 +405,8 @@ def test_key_comparison_figures_read_at_page_width(tmp_path):
             for g in rng.uniform(0.05, 1, 12)]
     paths = plot_key_comparisons(rows, tmp_path, prefix="m_")
     assert [p.name for p in paths] == [f"m_{k}.png" for k in KEY_COMPARISONS]
-    width = imread(paths[1]).shape[1]  # two panels of 4.5 in at 150 dpi
-    assert width == pytest.approx(2 * 4.5 * 150, rel=0.02)
+    width = imread(paths[1]).shape[1]  # two panels of 4 in at 150 dpi
+    assert width == pytest.approx(2 * 4 * 150, rel=0.02)
     assert plot_comparison([{"observed_gap": 1.0}], tmp_path / "x.png", "estimators") is None
     with pytest.raises(ValueError, match="must be one of"):
         plot_comparison(rows, tmp_path / "x.png", "nope")

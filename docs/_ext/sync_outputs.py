@@ -44,6 +44,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 RECORD = DOCS / "_ext" / "outputs.json"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 MARKER = re.compile(r"^<!-- output: (?P<spec>.+?) -->\n```text\n(?P<body>.*?)^```$", re.M | re.S)
 DEFAULT_REL = 1e-3  # and one unit in the last printed digit
@@ -123,7 +124,7 @@ def sources_hash(command: str) -> str:
 
 def run(command: str, timeout: int = 1800) -> str:
     """stdout of ``command`` run from the repository root (one thread, this checkout first on
-    the path); fails with its stderr on a non-zero exit."""
+    the path, colours removed); fails with its stderr on a non-zero exit."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     argv = shlex.split(command)
@@ -133,7 +134,7 @@ def run(command: str, timeout: int = 1800) -> str:
                           timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"`{command}` exited with {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return proc.stdout
+    return ANSI.sub("", proc.stdout)  # terminal colours (skorch's epoch table)
 
 
 def shown(block: Block, output: str) -> str:
