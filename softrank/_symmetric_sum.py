@@ -1,6 +1,6 @@
 """Running sums of xᵀx in float64 that compute one triangle, not both.
 
-The KFAC factors are sums of xᵀx over batches (SPEC §2: sums in float64), and float64
+The KFAC factors are sums of xᵀx over batches (accumulated in float64), and float64
 products run at half the float32 rate. A matrix product computes both triangles of each
 (symmetric) term; BLAS ``syrk`` would compute one, but torch exposes none, and calling another
 library's BLAS from Python puts a second thread pool next to torch's, whose idle threads spin

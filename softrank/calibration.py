@@ -7,7 +7,7 @@ net at temperature T (its criterion input :math:`z` replaced by :math:`z/T`, re-
 NLLLoss), and :func:`calibration_report` puts α on the training and on the test data, ECE and
 losses before and after temperature scaling side by side, with the reading below.
 
-Reading α (SPEC §1): for a calibrated model C ≈ F and α ≈ 1, and the soft-rank gap estimate
+Reading α: for a calibrated model C ≈ F and α ≈ 1, and the soft-rank gap estimate
 reduces to :math:`\mathrm{rank}_\Lambda(F)/n`. α > 1: over-confident on this data — the
 calibrated estimate rank/n *under*-estimates the gap and the α factor corrects for it;
 α < 1: under-confident (or interpolating: training gradients vanish, α ≪ 1, and every
@@ -275,7 +275,7 @@ def read_alpha(alpha: float, where: str = "train", tol: float = 0.1) -> str:
                 "gap, the soft-rank gap estimate α·rank/n corrects for it")
     if alpha < 0.3:
         return ("α_train ≪ 1: the net fits (memorizes) its training labels; every C-based "
-                "estimate collapses there (use ApproxLOO, SPEC §4a), and a temperature fitted "
+                "estimate collapses there (use ApproxLOO), and a temperature fitted "
                 "on the training data is < 1: fit it on held-out data (X_cal, y_cal)")
     return ("α_train < 1: under-confident; rank/n overestimates the gap, α·rank/n corrects "
             "for it")

@@ -56,7 +56,7 @@ __all__ = ["GapTracker", "EstimatedLossEarlyStopping", "default_tracker_measure"
 def default_tracker_measure() -> SoftRankFIM:
     """Calibrated KFAC soft-rank estimate rank_Λ(F)/n on a fixed subsample of 512 training
     samples (seed 0)."""
-    return SoftRankFIM(None, approximation="kfac", calibrated=True, n_curvature_samples=512,
+    return SoftRankFIM(None, approximation="kfac", gap_formula="rank", n_curvature_samples=512,
                        random_state=0)
 
 
@@ -97,10 +97,35 @@ class GapTracker(Callback):
     name : str
         Column prefix: ``{name}_gap``, ``{name}_test_loss``, ``{name}_test_loss_best``.
 
-    Attributes (set in ``initialize``)
-    ----------------------------------
-    best_ : float — the lowest estimated test loss so far; ``result_`` — the last
-    :class:`~softrank.measures.MeasureResult`.
+    Attributes
+    ----------
+    best_ : float
+        The lowest estimated test loss so far (set in ``initialize``).
+    result_ : softrank.measures.MeasureResult
+        The last measurement.
+
+    See Also
+    --------
+    EstimatedLossEarlyStopping : stop training on the tracked estimate.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skorch import NeuralNetClassifier
+    >>> from softrank import GapTracker
+    >>> from softrank.datasets import load_digits_split
+    >>> data = load_digits_split()
+    >>> _ = torch.manual_seed(0)
+    >>> net = NeuralNetClassifier(
+    ...     nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)),
+    ...     criterion=nn.CrossEntropyLoss, optimizer=torch.optim.Adam, lr=0.01,
+    ...     optimizer__weight_decay=1e-3, max_epochs=4, train_split=None, verbose=0,
+    ...     callbacks=[GapTracker(every=2)])
+    >>> _ = net.fit(data.X_train[:200], data.y_train[:200])
+    >>> gaps = net.history[:, "est_gap"]  # NaN on the epochs not measured
+    >>> len(gaps), gaps[1] > 0
+    (4, True)
     """
 
     def __init__(self, measure=None, *, every: int = 1, name: str = "est"):
@@ -169,8 +194,37 @@ class EstimatedLossEarlyStopping(EarlyStopping):
     ``warmup``: the first ``warmup`` epochs are not monitored. The estimates assume a trained
     net; during the first epochs the net is far from that and its soft rank is still growing
     as it learns features, so an early, low estimate would otherwise end training (measured on
-    digits with flipped labels: docs/guide_training_loop.md). Put it after the
-    :class:`GapTracker` in ``callbacks``."""
+    digits with flipped labels, see the training-loop guide). Put it after the
+    :class:`GapTracker` in ``callbacks``.
+
+    Parameters
+    ----------
+    monitor : str, default='est_test_loss'
+        History column to monitor (the tracker's ``{name}_test_loss``).
+    patience : int, default=5
+        Measurements without improvement before stopping.
+    threshold : float, default=1e-4
+        Smallest improvement that counts.
+    threshold_mode : {'rel', 'abs'}, default='rel'
+        Whether ``threshold`` is relative or absolute.
+    sink : callable, default=print
+        Where the stopping message goes.
+    load_best : bool, default=True
+        Restore the weights of the best measured epoch at the end.
+    warmup : int, default=2
+        Epochs not monitored at the start.
+
+    See Also
+    --------
+    GapTracker : records the estimate this callback monitors.
+
+    Examples
+    --------
+    >>> from softrank import EstimatedLossEarlyStopping, GapTracker
+    >>> callbacks = [GapTracker(), EstimatedLossEarlyStopping(patience=3)]
+    >>> callbacks[1].monitor
+    'est_test_loss'
+    """
 
     def __init__(self, monitor: str = "est_test_loss", patience: int = 5,
                  threshold: float = 1e-4, threshold_mode: str = "rel", sink=print,

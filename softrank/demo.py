@@ -72,7 +72,7 @@ def _soft_rank(net, approximation, seed):
 
 
 def _soft_rank_calibrated(net, approximation, seed):
-    return SoftRankFIM(net, approximation=approximation, calibrated=True, prefit=True,
+    return SoftRankFIM(net, approximation=approximation, gap_formula="rank", prefit=True,
                        random_state=seed)
 
 

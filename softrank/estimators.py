@@ -1,4 +1,4 @@
-r"""The scikit-learn face (SPEC §6): gap estimators that wrap a skorch net.
+r"""The scikit-learn face: gap estimators that wrap a skorch net.
 
 Each estimator wraps a skorch net (``NeuralNetClassifier``, ``NeuralNetBinaryClassifier``,
 ``NeuralNetRegressor``) or a :class:`~sklearn.pipeline.Pipeline` ending in one, fitted or not.
@@ -8,20 +8,20 @@ curvature of its loss on (X, y) — the training data — and estimates the gene
 * :class:`SoftRankFIM` — ``measure_``
   :math:`\mathrm{rank}_\Lambda(F)=\mathrm{Tr}\,F(F+\Lambda)^{-1}`, ``gap_``
   :math:`\alpha\,\mathrm{rank}_\Lambda(F)/n` with :math:`\alpha=\mathrm{Tr}\,C/\mathrm{Tr}\,F`
-  (``calibrated=True``: :math:`\mathrm{rank}_\Lambda(F)/n`);
+  (``gap_formula='rank'``: :math:`\mathrm{rank}_\Lambda(F)/n`);
 * :class:`TIC` — ``measure_`` :math:`\mathrm{Tr}\,C(M+\Lambda)^{-1}`, M = F or H;
   ``gap_`` value/n;
 * :class:`TraceRatio` — ``measure_`` :math:`\mathrm{Tr}\,C/\mathrm{Tr}\,F`; ``gap_`` value/n
   (Thomas et al., 2020);
 * :class:`HessianNorm` — ``measure_`` Tr H, ‖H‖₂ or ‖H‖_F; no gap (a baseline).
 
-Conventions (SPEC §2): mean loss; :math:`\Lambda` is the weight decay of the objective
+Conventions: mean loss; :math:`\Lambda` is the weight decay of the objective
 :math:`\frac1n\sum_i\ell_i + \frac12\theta^\top\Lambda\theta` (``lam='auto'`` reads it from the
 net's optimizer, parameter groups included); n is the number of samples the net **trained** on
 (skorch's ``train_split`` holds out 20 % by default: ``n_train_`` counts what it actually used).
 
 ``score(X, y)`` is greater-is-better: the estimated test loss, negated,
-:math:`-(\bar\ell(X, y) + \texttt{gap\_})`, so that ``GridSearchCV(SoftRankFIM(net), grid,
+:math:`-(\bar\ell(X, y) + \widehat{\mathrm{gap}})`, so that ``GridSearchCV(SoftRankFIM(net), grid,
 cv=InSampleSplit())`` selects by estimated test loss without a validation split.
 
 Writing another measure: subclass :class:`GapEstimator`, list the parameters in ``__init__``
@@ -34,6 +34,7 @@ For ``memory_budget``, list the curvatures ``_measure`` builds in ``_memory_plan
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from numbers import Integral
 
@@ -47,6 +48,8 @@ from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import skorch_adapter as sk
+from ._doc import compose
+from ._progress import progress
 from .curvature import APPROXIMATIONS, GramCurvature, curvature
 from .curvature.dense import DEFAULT_MAX_PARAMS
 from .families import family_for
@@ -89,44 +92,38 @@ def _wraps_classifier(self) -> bool:
     return sk.net_kind(net) in ("classifier", "binary")
 
 
+@compose
 class GapEstimator(MetaEstimatorMixin, BaseEstimator):
-    """Base class: wraps a skorch net, fits it if needed, measures it on (X, y).
+    r"""Base class of the gap estimators: wraps a skorch net, fits it if needed, measures it.
 
-    Parameters common to the concrete estimators
-    --------------------------------------------
-    estimator : skorch net or Pipeline ending in one
-        Fitted or not. A fitted net is used as it is and never changed (parameters, buffers,
-        train/eval mode and optimizer state stay bit-identical). Wrap it in
-        :class:`sklearn.frozen.FrozenEstimator` to keep it fitted through ``clone``.
-    lam : 'auto', float, dict {parameter name: float} or (p,) tensor
-        :math:`\\Lambda`. 'auto': the optimizer's ``weight_decay`` (per parameter group).
-    approximation : str
-        Curvature representation: 'exact', 'dense', 'gram', 'diagonal', 'kfac', 'ekfac' or
-        'matrix_free' (stochastic; its standard error is ``stderr_``).
-    n_curvature_samples : int or None
-        Estimate the curvature on this many random samples of X (n is unchanged).
-    batch_size : int
-        Samples per batch of the curvature passes.
-    random_state : int, RandomState or None
-        Seeds the curvature subsample and, when the estimator fits the net itself, torch's RNG
-        during that training (the global RNG state is restored afterwards).
-    device : torch device or None
-        Where the measurement runs (default: the module's device).
-    params : None, list of parameter names, or callable(name, parameter) -> bool
-        Which parameters count (default: all that require grad), e.g. the head of a
-        pretrained backbone.
-    prefit : 'auto', True or False
-        'auto': fit a clone of the net only if it is not fitted; True: require a fitted net
-        (clear error otherwise); False: always fit a clone.
-    memory_budget : int, str or None
-        Bytes (an int, or a string such as '2GB' or '512MiB') the curvature representations may
-        use. ``fit`` compares :mod:`softrank.memory`'s estimate of every curvature the measure
-        builds with it, after training the net (if it does) and before any measuring data pass,
-        and raises a :class:`MemoryError` naming the approximation, the estimate, the budget and
-        the approximations that would fit. None (default): the same check against the memory
-        available at that moment (free RAM within the process's limits, or free device memory
-        on CUDA).
-        :meth:`estimate_memory` lists the estimates in advance.
+    ``fit(X, y)`` fits the net if needed (never a net that is already fitted, see ``prefit``),
+    then measures the curvature of its loss on (X, y), the training data, and sets ``measure_``
+    and ``gap_``. ``score(X, y)`` is the estimated test loss, negated (greater is better), so
+    that ``GridSearchCV(estimator, grid, cv=InSampleSplit())`` selects models by estimated test
+    loss without a validation split.
+
+    The concrete estimators are :class:`SoftRankFIM`, :class:`TIC`, :class:`TraceRatio`,
+    :class:`HessianNorm` and :class:`ApproxLOO`; all take the parameters below (those that
+    apply to them). To write another measure, subclass this class, list the parameters in
+    ``__init__`` (store them only) and implement ``_measure(self, md, lam) -> MeasureResult``
+    (``md`` is a :class:`softrank.ModelData` of the curvature samples, ``md.n_train`` is n;
+    ``lam`` is resolved, or None when ``_needs_lam`` is False). ``result.gap`` becomes ``gap_``
+    (override ``_gap``), ``result.diagnostics['stderr']`` becomes ``stderr_``. Set
+    ``_requires_fisher = False`` when the measure works for any criterion, and list the
+    curvatures ``_measure`` builds in ``_memory_plan(self, md)`` for ``memory_budget``.
+
+    See Also
+    --------
+    InSampleSplit : cross-validation splitter for selecting by estimated test loss.
+    make_gap_scorer : a scorer from any gap estimator.
+
+    Examples
+    --------
+    >>> from softrank import GapEstimator, SoftRankFIM, ApproxLOO
+    >>> all(issubclass(c, GapEstimator) for c in (SoftRankFIM, ApproxLOO))
+    True
+    >>> SoftRankFIM(None, approximation="kfac").get_params()["approximation"]
+    'kfac'
     """
 
     _needs_lam = True
@@ -156,6 +153,7 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
 
     # -- tags ------------------------------------------------------------------------------
     def __sklearn_tags__(self):
+        """scikit-learn tags: a classifier or regressor like the wrapped net; needs y."""
         tags = super().__sklearn_tags__()
         tags.target_tags.required = True
         try:
@@ -252,9 +250,28 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
     def fit(self, X, y):
         """Fit the net if needed (see ``prefit``), then measure it on (X, y).
 
-        Returns self, with ``measure_``, ``gap_``, ``train_loss_``, ``lam_``, ``n_train_``,
-        ``approximation_``, ``result_``, ``stderr_``, ``estimator_``, ``n_features_in_`` (and
-        ``classes_`` for classifiers) set."""
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, ...)
+            The training data (what the net was or will be trained on), any array the net
+            accepts (converted to the module's dtype).
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+            Targets: class labels for classifiers, values for regressors.
+
+        Returns
+        -------
+        self
+            With the fitted attributes (``measure_``, ``gap_``, ``train_loss_``...) set.
+
+        Raises
+        ------
+        ValueError
+            For invalid parameters, or data the net cannot take.
+        MemoryError
+            When ``memory_budget`` is set and a curvature representation would exceed it.
+        softrank.families.UnsupportedCriterionError
+            When the measure needs the Fisher and the net's criterion has none.
+        """
         self._check_params()
         self._y_1d = y is not None and np.asarray(y).ndim == 1
         est, X, y = self._fit_estimator(X, y)
@@ -268,7 +285,8 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         self._memory_estimates(md, getattr(self, "memory_budget", None), check=True)
         train_loss = sk.mean_loss(full)
         lam = self._resolve_lam(net, md)
-        result = self._measure(md, lam)
+        with progress(getattr(self, "verbose", False)):
+            result = self._measure(md, lam)
 
         self.estimator_ = est
         self.result_ = result
@@ -363,10 +381,11 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         return sk.mean_loss(self._model_data(net, Xt, y))
 
     def score(self, X, y) -> float:
-        """Estimated test loss, negated (greater is better):
-        :math:`-(\\bar\\ell(X, y) + \\text{gap\\_})`.
+        """Estimated test loss, negated (greater is better): the mean loss on (X, y) plus
+        ``gap_``, negated.
 
-        On the training data (``InSampleSplit``) this is ``-(train_loss_ + gap_)``."""
+        On the training data (``InSampleSplit``) this is ``-(train_loss_ + gap_)``, in loss
+        units (nats per sample for cross-entropy)."""
         loss = self.loss(X, y)
         if self.gap_ is None:  # pragma: no cover - HessianNorm overrides score
             raise ValueError(f"{type(self).__name__} has no gap estimate")
@@ -456,32 +475,100 @@ def _is_auto(lam) -> bool:
     return isinstance(lam, str) and lam == "auto"
 
 
+@compose
 class SoftRankFIM(TransformerMixin, GapEstimator):
-    r"""Soft rank of the Fisher :math:`\mathrm{rank}_\Lambda(F) = \mathrm{Tr}\,F(F+\Lambda)^{-1}`
-    and the soft-rank gap estimate (Shoham, Mor-Yosef & Avron, 2025):
+    r"""Soft rank of the Fisher and the soft-rank generalization gap estimate.
 
-    .. math:: \widehat{\mathrm{gap}} = \frac{\mathrm{Tr}\,C}{\mathrm{Tr}\,F}\,
-              \frac{\mathrm{rank}_\Lambda(F)}{n}
-              \quad(\texttt{calibrated=True}:\ \mathrm{rank}_\Lambda(F)/n).
+    The soft rank of the Fisher F of the training loss, regularized by the weight decay Λ,
 
-    ``measure_`` is the soft rank, ``gap_`` the gap estimate; ``result_.diagnostics`` holds
-    :math:`\alpha`, Tr C, Tr F and the calibrated gap. ``transform(X)`` returns per-sample
-    leverage scores :math:`\mathrm{Tr}\,F_i(F+\Lambda)^{-1}/n_{\mathrm{fit}}` (one column; they
-    need no labels), which sum over the fit data to ``measure_`` for the exact representations
-    (exactly without ``n_curvature_samples``, in expectation with it); with an approximation
-    :math:`\tilde F` (kfac, ekfac, diagonal) they are :math:`\mathrm{Tr}\,F_i(\tilde F+\Lambda)^{-1}`
-    and sum to :math:`\mathrm{Tr}\,F(\tilde F+\Lambda)^{-1}`, close to but not equal to
-    :math:`\mathrm{rank}_\Lambda(\tilde F)`. Needs a criterion of the family table (SPEC §3).
-    See :class:`GapEstimator` for the common parameters.
+    .. math:: \mathrm{rank}_\Lambda(F) = \mathrm{Tr}\,F(F+\Lambda)^{-1}
+              = \sum_j \frac{\sigma_j}{\sigma_j+\lambda}\quad(\Lambda = \lambda I),
+
+    counts the parameter directions the data pins down more strongly than the weight decay.
+    The gap estimate [1]_ (expected test loss minus training loss, in loss units) is
+
+    .. math:: \widehat{\mathrm{gap}} = \alpha\,\frac{\mathrm{rank}_\Lambda(F)}{n},\qquad
+              \alpha = \frac{\mathrm{Tr}\,C}{\mathrm{Tr}\,F},
+
+    with C the second moment of the per-sample gradients and n the number of training samples
+    (``gap_formula='alpha_rank'``); ``gap_formula='rank'`` assumes a calibrated model (C = F,
+    α = 1) and uses :math:`\mathrm{rank}_\Lambda(F)/n`. Needs a criterion of the family table
+    (``CrossEntropyLoss``, ``NLLLoss``, ``BCEWithLogitsLoss``, ``MSELoss``,
+    ``PoissonNLLLoss(log_input=True)``; see the Concepts page).
+
+    ``transform(X)`` returns per-sample leverage scores
+    :math:`\mathrm{Tr}\,F_i(F+\Lambda)^{-1}/n_{\mathrm{fit}}` (one column; no labels needed),
+    which sum over the fit data to ``measure_`` for the exact representations (in expectation
+    with ``n_curvature_samples``); with an approximation :math:`\tilde F` (kfac, ekfac,
+    diagonal) they sum to :math:`\mathrm{Tr}\,F(\tilde F+\Lambda)^{-1}`, close to but not equal
+    to :math:`\mathrm{rank}_\Lambda(\tilde F)`.
+
+    Parameters
+    ----------
+    gap_formula : {'alpha_rank', 'rank'}, default='alpha_rank'
+        Which gap formula ``gap_`` uses: 'alpha_rank', :math:`\alpha\,\mathrm{rank}_\Lambda(F)/n`
+        (the soft-rank estimate); 'rank', :math:`\mathrm{rank}_\Lambda(F)/n` (exact for a
+        calibrated model, an underestimate for an over-confident one). Both are in
+        ``result_.diagnostics`` ('gap' and 'calibrated_gap').
+    calibrated : bool, default='deprecated'
+        Deprecated: use ``gap_formula`` (``calibrated=True`` is ``gap_formula='rank'``).
+        Still accepted, with a FutureWarning; removed in the next release.
+
+    Attributes
+    ----------
+    measure_ : float
+        The soft rank :math:`\mathrm{rank}_\Lambda(F)` (a number of parameter directions,
+        between 0 and p).
+
+    See Also
+    --------
+    TIC : the regularized Takeuchi information criterion.
+    TraceRatio : α/n, the estimate without the soft-rank factor.
+    ApproxLOO : approximate leave-one-out, which keeps working on interpolating nets.
+
+    References
+    ----------
+    .. [1] Shoham, Mor-Yosef & Avron (2025). "Flatness After All?" (the soft rank of the
+       Fisher as a generalization gap estimate).
+    .. [2] Takeuchi (1976). "Distribution of information statistics and validity criteria of
+       models." Mathematical Science 153 (the TIC).
+    .. [3] Thomas, Pedregosa, van Merriënboer, Manzagol, Bengio & Le Roux (2020). "On the
+       interplay between noise and curvature and its effect on optimization and
+       generalization." AISTATS (the trace ratio).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skorch import NeuralNetClassifier
+    >>> from softrank.datasets import load_digits_split
+    >>> data = load_digits_split()  # 8x8 digits, float32 pixels in [0, 1]
+    >>> X, y = data.X_train[:200], data.y_train[:200]
+    >>> _ = torch.manual_seed(0)
+    >>> net = NeuralNetClassifier(
+    ...     nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)),
+    ...     criterion=nn.CrossEntropyLoss, optimizer=torch.optim.Adam, lr=0.01,
+    ...     optimizer__weight_decay=1e-3, max_epochs=20, train_split=None, verbose=0)
+    >>> from softrank import SoftRankFIM
+    >>> est = SoftRankFIM(net, approximation="kfac").fit(X, y)
+    >>> est.n_train_, est.lam_
+    (200, 0.001)
+    >>> 0 < est.gap_ < 1  # nats per sample
+    True
+    >>> est.transform(X[:3]).shape  # per-sample leverage
+    (3, 1)
     """
 
-    def __init__(self, estimator, *, lam="auto", approximation="exact", calibrated=False,
+    def __init__(self, estimator, *, lam="auto", approximation="exact", gap_formula="alpha_rank",
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto", memory_budget=None):
+                 params=None, prefit="auto", memory_budget=None, verbose=False,
+                 calibrated="deprecated"):
         self.estimator = estimator
         self.lam = lam
         self.approximation = approximation
+        self.gap_formula = gap_formula
         self.calibrated = calibrated
+        self.verbose = verbose
         self.n_curvature_samples = n_curvature_samples
         self.batch_size = batch_size
         self.random_state = random_state
@@ -500,8 +587,26 @@ class SoftRankFIM(TransformerMixin, GapEstimator):
         self._fisher = F
         return soft_rank_gap(md, lam, self.approximation, F=F)
 
+    def _gap_formula(self) -> str:
+        if isinstance(self.calibrated, str) and self.calibrated == "deprecated":
+            if self.gap_formula not in ("alpha_rank", "rank"):
+                raise ValueError("gap_formula must be 'alpha_rank' (α·rank/n) or 'rank' "
+                                 f"(rank/n); got {self.gap_formula!r}")
+            return self.gap_formula
+        warnings.warn("SoftRankFIM(calibrated=...) is deprecated and will be removed in the next "
+                      "release: use gap_formula='rank' for calibrated=True, 'alpha_rank' for "
+                      "calibrated=False", FutureWarning, stacklevel=3)
+        return "rank" if self.calibrated else "alpha_rank"
+
+    def _check_params(self):
+        super()._check_params()
+        self._gap_formula()
+
     def _gap(self, result):
-        if self.calibrated:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # warned once, by _check_params
+            formula = self._gap_formula()
+        if formula == "rank":
             return float(result.diagnostics["calibrated_gap"])
         return float(result.gap)
 
@@ -544,16 +649,62 @@ def _same_array(a, b) -> bool:
     return a.shape == b.shape and np.array_equal(a, b)
 
 
+@compose
 class TIC(GapEstimator):
-    r"""Regularized Takeuchi Information Criterion :math:`\mathrm{Tr}\,C(M+\Lambda)^{-1}`,
-    M = F (``variant='fisher'``, needs a criterion of the family table) or the Hessian H
-    (``variant='hessian'``, any criterion; dense, small p; warns when H + Λ is not positive
-    definite). ``gap_`` = ``measure_`` / n. See :class:`GapEstimator` for the other parameters.
+    r"""Regularized Takeuchi information criterion (TIC) and its gap estimate.
+
+    .. math:: \mathrm{TIC}_\Lambda = \mathrm{Tr}\,C(M+\Lambda)^{-1},\qquad
+              \widehat{\mathrm{gap}} = \mathrm{TIC}_\Lambda / n,
+
+    with C the second moment of the per-sample gradients, M the Fisher F
+    (``variant='fisher'``, needs a criterion with a Fisher) or the Hessian H of the mean
+    training loss (``variant='hessian'``, any twice-differentiable criterion; dense, small p;
+    warns when H + Λ is not positive definite) [1]_ [2]_.
+
+    Parameters
+    ----------
+    variant : {'fisher', 'hessian'}, default='fisher'
+        The curvature M in the formula.
+
+    Attributes
+    ----------
+    measure_ : float
+        :math:`\mathrm{Tr}\,C(M+\Lambda)^{-1}` (loss units times n).
+
+    See Also
+    --------
+    SoftRankFIM : the soft-rank estimate, α·rank/n.
+    ApproxLOO : keeps the higher-order terms TIC drops.
+
+    References
+    ----------
+    .. [1] Takeuchi (1976). "Distribution of information statistics and validity criteria of
+       models." Mathematical Science 153.
+    .. [2] Shoham, Mor-Yosef & Avron (2025). "Flatness After All?" (the regularized TIC and
+       its relation to the soft rank).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skorch import NeuralNetClassifier
+    >>> from softrank.datasets import load_digits_split
+    >>> data = load_digits_split()  # 8x8 digits, float32 pixels in [0, 1]
+    >>> X, y = data.X_train[:200], data.y_train[:200]
+    >>> _ = torch.manual_seed(0)
+    >>> net = NeuralNetClassifier(
+    ...     nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)),
+    ...     criterion=nn.CrossEntropyLoss, optimizer=torch.optim.Adam, lr=0.01,
+    ...     optimizer__weight_decay=1e-3, max_epochs=20, train_split=None, verbose=0)
+    >>> from softrank import TIC
+    >>> est = TIC(net, approximation="kfac").fit(X, y)
+    >>> abs(est.gap_ - est.measure_ / est.n_train_) < 1e-12
+    True
     """
 
     def __init__(self, estimator, *, lam="auto", approximation="exact", variant="fisher",
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto", memory_budget=None):
+                 params=None, prefit="auto", memory_budget=None, verbose=False):
         self.estimator = estimator
         self.lam = lam
         self.approximation = approximation
@@ -565,6 +716,7 @@ class TIC(GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.verbose = verbose
 
     @property
     def _requires_fisher(self):
@@ -587,16 +739,56 @@ class TIC(GapEstimator):
         return tic(md, lam, self.approximation, self.variant, random_state=self.random_state)
 
 
+@compose
 class TraceRatio(GapEstimator):
-    r"""Trace ratio :math:`\alpha = \mathrm{Tr}\,C/\mathrm{Tr}\,F` (exact traces) and the gap
-    estimate :math:`\alpha/n` of Thomas et al. (2020) — it lacks the soft-rank factor and so
-    underestimates the gap. α > 1: over-confident, α < 1: under-confident. Needs a criterion of
-    the family table; no λ. See :class:`GapEstimator` for the other parameters."""
+    r"""Trace ratio α = Tr C / Tr F and the gap estimate α/n of Thomas et al. (2020).
+
+    .. math:: \alpha = \frac{\mathrm{Tr}\,C}{\mathrm{Tr}\,F},\qquad
+              \widehat{\mathrm{gap}} = \frac{\alpha}{n}
+
+    (exact traces). It lacks the soft-rank factor and so underestimates the gap; α itself reads
+    as a calibration ratio: α > 1 over-confident, α < 1 under-confident, α = 1 calibrated.
+    Needs a criterion with a Fisher; no λ.
+
+    Attributes
+    ----------
+    measure_ : float
+        The trace ratio α (dimensionless).
+
+    See Also
+    --------
+    SoftRankFIM : α·rank/n, the estimate with the soft-rank factor.
+
+    References
+    ----------
+    .. [1] Thomas, Pedregosa, van Merriënboer, Manzagol, Bengio & Le Roux (2020). "On the
+       interplay between noise and curvature and its effect on optimization and
+       generalization." AISTATS.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skorch import NeuralNetClassifier
+    >>> from softrank.datasets import load_digits_split
+    >>> data = load_digits_split()  # 8x8 digits, float32 pixels in [0, 1]
+    >>> X, y = data.X_train[:200], data.y_train[:200]
+    >>> _ = torch.manual_seed(0)
+    >>> net = NeuralNetClassifier(
+    ...     nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)),
+    ...     criterion=nn.CrossEntropyLoss, optimizer=torch.optim.Adam, lr=0.01,
+    ...     optimizer__weight_decay=1e-3, max_epochs=20, train_split=None, verbose=0)
+    >>> from softrank import TraceRatio
+    >>> est = TraceRatio(net).fit(X, y)
+    >>> alpha = est.measure_  # over-confident when > 1
+    >>> abs(est.gap_ - alpha / est.n_train_) < 1e-12
+    True
+    """
 
     _needs_lam = False
 
     def __init__(self, estimator, *, n_curvature_samples=None, batch_size=256, random_state=None,
-                 device=None, params=None, prefit="auto", memory_budget=None):
+                 device=None, params=None, prefit="auto", memory_budget=None, verbose=False):
         self.estimator = estimator
         self.n_curvature_samples = n_curvature_samples
         self.batch_size = batch_size
@@ -605,6 +797,7 @@ class TraceRatio(GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.verbose = verbose
 
     def _memory_plan(self, md):
         return [("diagonal", "gsm", {}), ("diagonal", "fisher", {})]
@@ -616,12 +809,14 @@ class TraceRatio(GapEstimator):
 HESSIAN_APPROXIMATIONS = ("exact", "dense", "matrix_free")
 
 
+@compose
 class HessianNorm(GapEstimator):
-    r"""Hessian norm baselines of the mean training loss: :math:`\mathrm{Tr}\,H`
-    (``ord='trace'``), the spectral norm :math:`\|H\|_2 = \max_j|\sigma_j|` (``'spectral'``),
-    the largest eigenvalue :math:`\sigma_{\max}(H)` (``'max_eigenvalue'``; below
-    :math:`\|H\|_2` when H is indefinite with a larger negative end, as away from a minimum) or
-    :math:`\|H\|_F` (``'frobenius'``).
+    r"""Hessian norm baselines of the mean training loss (sharpness measures).
+
+    :math:`\mathrm{Tr}\,H` (``ord='trace'``), the spectral norm
+    :math:`\|H\|_2 = \max_j|\sigma_j|` (``'spectral'``), the largest eigenvalue
+    :math:`\sigma_{\max}(H)` (``'max_eigenvalue'``; below :math:`\|H\|_2` when H is indefinite
+    with a larger negative end, as away from a minimum) or :math:`\|H\|_F` (``'frobenius'``).
 
     ``approximation``: 'exact' (= 'dense') builds the dense p×p Hessian (small p; subsample with
     ``n_curvature_samples``); 'matrix_free' works from Hessian-vector products only (Hutch++
@@ -629,17 +824,60 @@ class HessianNorm(GapEstimator):
     with ``random_state`` and reports ``stderr_``. The other representations (gram, diagonal,
     kfac, ekfac) are of the Fisher and have no Hessian.
 
-    There is no gap estimate (``gap_`` is None: a norm is not in loss units, and it changes
-    under reparametrizations that leave the function unchanged). ``score`` returns
-    ``-measure_`` (greater is better = flatter), whatever X and y are, so GridSearchCV picks
-    the flattest model by this baseline. Works for any twice-differentiable criterion."""
+    There is no gap estimate: a norm is not in loss units, and it changes under
+    reparametrizations that leave the function unchanged. ``score`` returns ``-measure_``
+    (greater is better = flatter), whatever X and y are, so that GridSearchCV picks the
+    flattest model by this baseline. Works for any twice-differentiable criterion.
+
+    Parameters
+    ----------
+    ord : {'trace', 'spectral', 'max_eigenvalue', 'frobenius'}, default='trace'
+        Which norm of H (or its largest eigenvalue).
+
+    Attributes
+    ----------
+    measure_ : float
+        The norm (loss units per squared parameter unit).
+    gap_ : None
+        A norm is not a gap estimate.
+
+    See Also
+    --------
+    SoftRankFIM : a gap estimate in loss units.
+
+    References
+    ----------
+    .. [1] Keskar, Mudigere, Nocedal, Smelyanskiy & Tang (2017). "On large-batch training for
+       deep learning: generalization gap and sharp minima." ICLR.
+    .. [2] Dinh, Pascanu, Bengio & Bengio (2017). "Sharp minima can generalize for deep
+       nets." ICML (why norms change under reparametrization).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skorch import NeuralNetClassifier
+    >>> from softrank.datasets import load_digits_split
+    >>> data = load_digits_split()  # 8x8 digits, float32 pixels in [0, 1]
+    >>> X, y = data.X_train[:200], data.y_train[:200]
+    >>> _ = torch.manual_seed(0)
+    >>> net = NeuralNetClassifier(
+    ...     nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)),
+    ...     criterion=nn.CrossEntropyLoss, optimizer=torch.optim.Adam, lr=0.01,
+    ...     optimizer__weight_decay=1e-3, max_epochs=20, train_split=None, verbose=0)
+    >>> from softrank import HessianNorm
+    >>> est = HessianNorm(net, ord="trace", approximation="matrix_free", random_state=0)
+    >>> est = est.fit(X, y)
+    >>> est.gap_ is None, est.measure_ > 0
+    (True, True)
+    """
 
     _needs_lam = False
     _requires_fisher = False
 
     def __init__(self, estimator, *, ord="trace", approximation="exact",
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto", memory_budget=None):
+                 params=None, prefit="auto", memory_budget=None, verbose=False):
         self.estimator = estimator
         self.ord = ord
         self.approximation = approximation
@@ -650,6 +888,7 @@ class HessianNorm(GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.verbose = verbose
 
     def _check_params(self):
         super()._check_params()
@@ -681,44 +920,90 @@ class HessianNorm(GapEstimator):
         return -self.measure_
 
 
+@compose
 class ApproxLOO(GapEstimator):
-    r"""Approximate leave-one-out estimate of the test loss (SPEC §4a): for each training point
-    one Newton step of the objective without it, in output space,
+    r"""Approximate leave-one-out estimate of the test loss.
+
+    For each training point, one Newton step of the objective without it, in output space:
 
     .. math:: z_i^{(-i)} = z_i + P_i (I - A_i P_i)^{-1} r_i,\qquad
               P_i = J_i\,\big(n(F+\Lambda)\big)^{-1} J_i^\top,
 
-    ``measure_`` = the estimated test loss :math:`\frac1n\sum_i\ell(y_i, z_i^{(-i)})`,
-    ``gap_`` = ``measure_`` − ``train_loss_``. Its first-order term is the Fisher TIC and
-    :math:`\sum_i\mathrm{tr}(A_iP_i) = \mathrm{rank}_\Lambda(F)`; unlike them it keeps the factor
-    :math:`(I - A_iP_i)^{-1}`, which stays large on memorized points, so it keeps working on
-    over-confident, interpolating nets where every C-based estimate collapses.
+    with :math:`z_i` the net's outputs, :math:`r_i = \partial\ell_i/\partial z_i`,
+    :math:`A_i` the output-space curvature of the loss and :math:`J_i` the Jacobian of the
+    outputs with respect to the parameters [1]_ [2]_. ``measure_`` is the estimated test loss
+    :math:`\frac1n\sum_i\ell(y_i, z_i^{(-i)})`, ``gap_`` = ``measure_`` − ``train_loss_``. Its
+    first-order term is the Fisher TIC and :math:`\sum_i\mathrm{tr}(A_iP_i) =
+    \mathrm{rank}_\Lambda(F)`; unlike them it keeps the factor :math:`(I - A_iP_i)^{-1}`, which
+    stays large on memorized points, so it keeps working on over-confident, interpolating nets
+    where every estimate built on C collapses. Works for any twice-differentiable criterion.
 
-    Parameters (besides those of :class:`GapEstimator`)
-    ---------------------------------------------------
-    method : 'exact', 'kfac' or 'subsample'
-        'exact': empirical NTK + one Cholesky of size nK (moderate n·K); 'kfac': P_i from the
-        Kronecker factors, any n; 'subsample': ``n_points`` random points, P_i by conjugate
-        gradients (KFAC-preconditioned) against the full-data Fisher, with ``stderr_``.
-    n_points : int or None
-        Points for ``method='subsample'`` (default: all).
-    memory_budget : int, str or None
-        As for :class:`GapEstimator`, checked against
-        :func:`softrank.memory.estimate_loo_memory` of ``method`` ('exact': the nK×nK NTK kernel
-        and a Cholesky of that size, quadratic in n; 'kfac': the Kronecker factors and at most
-        ``softrank.loo.KFAC_CACHE_BYTES`` of cached layer records; 'subsample': the Jacobians
-        of the ``n_points`` points and the CG vectors).
+    Parameters
+    ----------
+    method : {'exact', 'kfac', 'subsample'}, default='exact'
+        'exact': empirical NTK and one Cholesky factorization of size nK (moderate n·K);
+        'kfac': P_i from the Kronecker factors, any n; 'subsample': ``n_points`` random points,
+        P_i by conjugate gradients (KFAC-preconditioned) against the full-data Fisher, with
+        ``stderr_``.
+    n_points : int or None, default=None
+        Points for ``method='subsample'`` (None: all).
+    memory_budget : int, str or None, default=None
+        As for the other estimators, checked against
+        :func:`softrank.memory.estimate_loo_memory` of ``method`` ('exact': the nK×nK NTK
+        kernel and its Cholesky factor, quadratic in n; 'kfac': the Kronecker factors and at
+        most ``softrank.loo.KFAC_CACHE_BYTES`` of cached layer records; 'subsample': the
+        Jacobians of the ``n_points`` points and the CG vectors).
 
-    Fitted diagnostics: ``soft_rank_`` (:math:`\mathrm{rank}_\Lambda(F)`), ``tic_gap_`` (the
-    first-order term), ``loo_losses_`` (each measured point's leave-one-out loss: a memorization
-    score; ``loo_indices_`` says which points, in the order of the fit data).
+    Attributes
+    ----------
+    measure_ : float
+        The estimated test loss (loss units, e.g. nats per sample).
+    soft_rank_ : float
+        :math:`\mathrm{rank}_\Lambda(F)`, from the same blocks.
+    tic_gap_ : float
+        The first-order term (the Fisher TIC gap estimate).
+    loo_losses_ : ndarray of shape (n_points,)
+        Each measured point's leave-one-out loss: a memorization score.
+    loo_indices_ : ndarray of shape (n_points,)
+        Which points, as indices into the fit data.
+
+    See Also
+    --------
+    softrank.approx_loo : the same computation on a :class:`softrank.ModelData`.
+    SoftRankFIM : the soft-rank estimate.
+
+    References
+    ----------
+    .. [1] Rad & Maleki (2020). "A scalable estimate of the out-of-sample prediction error via
+       approximate leave-one-out cross-validation." JRSS B 82(4).
+    .. [2] Shoham, Mor-Yosef & Avron (2025). "Flatness After All?"
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skorch import NeuralNetClassifier
+    >>> from softrank.datasets import load_digits_split
+    >>> data = load_digits_split()  # 8x8 digits, float32 pixels in [0, 1]
+    >>> X, y = data.X_train[:200], data.y_train[:200]
+    >>> _ = torch.manual_seed(0)
+    >>> net = NeuralNetClassifier(
+    ...     nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)),
+    ...     criterion=nn.CrossEntropyLoss, optimizer=torch.optim.Adam, lr=0.01,
+    ...     optimizer__weight_decay=1e-3, max_epochs=20, train_split=None, verbose=0)
+    >>> from softrank import ApproxLOO
+    >>> est = ApproxLOO(net, method="exact").fit(X, y)
+    >>> est.loo_losses_.shape
+    (200,)
+    >>> est.measure_ > est.train_loss_
+    True
     """
 
     _requires_fisher = False  # a GGN Newton step works for any twice-differentiable criterion
 
     def __init__(self, estimator, *, lam="auto", method="exact", n_points=None,
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto", memory_budget=None):
+                 params=None, prefit="auto", memory_budget=None, verbose=False):
         self.estimator = estimator
         self.lam = lam
         self.method = method
@@ -730,6 +1015,7 @@ class ApproxLOO(GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.verbose = verbose
 
     def _check_params(self):
         super()._check_params()

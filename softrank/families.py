@@ -1,4 +1,4 @@
-r"""Loss families: from a criterion to the output-space curvature of the measures.
+r"""Loss families: from a criterion to the output-space quantities of the family table.
 
 For a network output :math:`z_i` (the natural parameter of the predictive distribution) a
 family gives
@@ -352,7 +352,7 @@ def _outside_table(crit: nn.Module) -> str | None:
 
 
 def family_for(criterion: nn.Module | type, *, require_fisher: bool = False) -> LossFamily:
-    """The :class:`LossFamily` of a criterion (instance or class).
+    r"""The :class:`LossFamily` of a criterion (instance or class).
 
     Criteria of the family table with their plain likelihood get their family; every other
     criterion — other classes, and table classes with options that change the likelihood
@@ -361,6 +361,32 @@ def family_for(criterion: nn.Module | type, *, require_fisher: bool = False) -> 
     :class:`UnsupportedCriterionError` for those instead, naming the measures that still work.
     ``ignore_index`` is handled by :class:`~softrank.model.ModelData` (ignored samples are
     dropped) and ``reduction`` does not change the per-sample loss.
+
+    Parameters
+    ----------
+    criterion : torch.nn.Module or type
+        The loss, e.g. ``nn.CrossEntropyLoss()``.
+    require_fisher : bool, default=False
+        Raise for criteria outside the family table (the Fisher-based measures need one).
+
+    Returns
+    -------
+    LossFamily
+        Categorical, Bernoulli, Gaussian, Poisson, or GenericGGN (curvature from autograd, no
+        Fisher) for any other criterion.
+
+    Raises
+    ------
+    UnsupportedCriterionError
+        With ``require_fisher=True``, for a criterion outside the family table
+        (CrossEntropyLoss, NLLLoss, BCEWithLogitsLoss, MSELoss, PoissonNLLLoss(log_input=True)).
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from softrank import family_for
+    >>> type(family_for(nn.CrossEntropyLoss())).__name__, family_for(nn.L1Loss).is_fisher
+    ('Categorical', False)
     """
     crit = criterion() if isinstance(criterion, type) else criterion
     table = {nn.CrossEntropyLoss: Categorical, nn.NLLLoss: Categorical,

@@ -11,7 +11,7 @@ For a curvature :math:`F` (the Fisher of the training data) and per-sample vecto
   :math:`t_i = g_i^\top(F+\Lambda)^{-1}g_i/m`, which sum to the TIC
   :math:`\mathrm{Tr}\,C(F+\Lambda)^{-1}`. With F of all n training samples, :math:`t_i` is, to
   first order, how much sample i's loss rises when it is left out
-  (:math:`r_i^\top P_i r_i`, SPEC §4a): large for samples the net cannot explain from the
+  (:math:`r_i^\top P_i r_i`): large for samples the net cannot explain from the
   others — mislabelled ones.
 
 The quadratic forms come from the representation: Woodbury rows against the Gram kernel
@@ -91,17 +91,84 @@ def _fisher(md, approximation, F, random_state):
 
 def leverage_scores(md, lam, approximation: str = "exact", *, F=None,
                     random_state=None) -> torch.Tensor:
-    r"""(m,) :math:`\mathrm{Tr}\,F_i(F+\Lambda)^{-1}/m` for the m samples of ``md``; F is the
-    Fisher of ``md`` (or the given ``F``, e.g. of other data). With F of ``md`` and an exact
-    representation they sum to :math:`\mathrm{rank}_\Lambda(F)`. No labels needed."""
+    r"""Per-sample leverage :math:`\mathrm{Tr}\,F_i(F+\Lambda)^{-1}/m` of the m samples of ``md``.
+
+    F is the Fisher of ``md`` (or the given ``F``, for example of other data). With F of ``md``
+    and an exact representation the scores sum to :math:`\mathrm{rank}_\Lambda(F)`. No labels
+    needed.
+
+    Parameters
+    ----------
+    md : ModelData
+        The network and the samples to score.
+    lam : float, dict or torch.Tensor
+        Λ, the weight decay of the objective.
+    approximation : str, default='exact'
+        Representation of F (see :func:`softrank.curvature`).
+    F : Curvature or None, default=None
+        A Fisher built already (skips building it).
+    random_state : int or None, default=None
+        Seeds a stochastic representation.
+
+    Returns
+    -------
+    torch.Tensor of shape (m,), float64
+        The scores (parameter directions per sample).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from softrank import ModelData
+    >>> _ = torch.manual_seed(0)
+    >>> X, y = torch.randn(100, 5), torch.randint(0, 3, (100,))
+    >>> md = ModelData(nn.Linear(5, 3), nn.CrossEntropyLoss(), X, y)
+    >>> from softrank import curvature, leverage_scores
+    >>> scores = leverage_scores(md, 1e-2, "dense")
+    >>> bool(abs(scores.sum() - curvature(md, "fisher", "dense").soft_rank(1e-2)) < 1e-5)
+    True
+    """
     F = _fisher(md, approximation, F, random_state)
     return fisher_leverage(F, md, F.lam(lam)) / md.n
 
 
 def tic_contributions(md, lam, approximation: str = "exact", *, F=None,
                       random_state=None) -> torch.Tensor:
-    r"""(m,) :math:`g_i^\top(F+\Lambda)^{-1}g_i/m`, :math:`g_i=\nabla_\theta\ell_i` at the true
-    labels; with F of ``md`` they sum to the TIC :math:`\mathrm{Tr}\,C(F+\Lambda)^{-1}`."""
+    r"""Per-sample TIC terms :math:`g_i^\top(F+\Lambda)^{-1}g_i/m`, :math:`g_i=\nabla_\theta\ell_i` at the true labels.
+
+    With F of ``md`` they sum to the TIC :math:`\mathrm{Tr}\,C(F+\Lambda)^{-1}`; to first
+    order, each is how much the sample's own loss rises when it is left out.
+
+    Parameters
+    ----------
+    md : ModelData
+        The network and the labelled samples to score.
+    lam : float, dict or torch.Tensor
+        Λ, the weight decay of the objective.
+    approximation : str, default='exact'
+        Representation of F.
+    F : Curvature or None, default=None
+        A Fisher built already.
+    random_state : int or None, default=None
+        Seeds a stochastic representation.
+
+    Returns
+    -------
+    torch.Tensor of shape (m,), float64
+        The scores (loss units times n).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from softrank import ModelData
+    >>> _ = torch.manual_seed(0)
+    >>> X, y = torch.randn(100, 5), torch.randint(0, 3, (100,))
+    >>> md = ModelData(nn.Linear(5, 3), nn.CrossEntropyLoss(), X, y)
+    >>> from softrank import tic_contributions
+    >>> tic_contributions(md, 1e-2, "dense").shape
+    torch.Size([100])
+    """
     md.require_labels("the per-sample TIC contributions")
     F = _fisher(md, approximation, F, random_state)
     return per_sample_quadratic(F, md, F.lam(lam), "residual") / md.n
@@ -164,22 +231,65 @@ def _contributions(md, score, lam, approximation, random_state) -> torch.Tensor:
 def rank_samples(estimator, X, y=None, *, score: str = "tic", lam="auto",
                  approximation: str = "kfac", params=None, batch_size: int = 256,
                  device=None, random_state=None) -> SampleRanking:
-    r"""Rank the samples of (X, y) — the training data — by their contribution to a measure of
-    the fitted skorch net (or Pipeline ending in one), highest first. The scores are divided by
-    the number of samples m, so that they sum to the measure.
+    r"""Rank the training samples by their contribution to a measure of a fitted net.
 
-    ``score``:
+    The scores are divided by the number of samples m, so that they sum to the measure:
 
     * ``'tic'`` — :math:`g_i^\top(F+\Lambda)^{-1}g_i/m` (labels; sum: the TIC): samples the
       rest of the data does not explain — mislabelled ones;
     * ``'leverage'`` — :math:`\mathrm{Tr}\,F_i(F+\Lambda)^{-1}/m` (no labels; sum: the soft
       rank): samples that pin down their own directions of parameter space (atypical inputs);
     * ``'loo'`` — :math:`(\ell(y_i, z_i^{(-i)}) - \ell_i)/m`, the approximate leave-one-out
-      loss increase (SPEC §4a; ``approximation`` 'exact' or 'kfac'; sum: the LOO gap);
+      loss increase (``approximation`` 'exact' or 'kfac'; sum: the leave-one-out gap);
     * ``'loss'`` — :math:`\ell_i/m` (a baseline; sum: the training loss).
 
-    F is the Fisher of (X, y) under ``approximation`` (default 'kfac'; 'exact' is the dense or
-    Gram Fisher); ``lam='auto'`` reads Λ from the optimizer. The net is not changed.
+    Parameters
+    ----------
+    estimator : skorch net or Pipeline ending in one
+        Fitted; it is not changed.
+    X : array-like of shape (m, ...)
+        The training data.
+    y : array-like of shape (m,) or None, default=None
+        Targets (needed except for ``score='leverage'``).
+    score : {'tic', 'leverage', 'loo', 'loss'}, default='tic'
+        Which contribution.
+    lam : 'auto', float, dict or torch.Tensor, default='auto'
+        Λ; 'auto' reads the optimizer's weight decay.
+    approximation : str, default='kfac'
+        Representation of F ('exact' is the dense or Gram Fisher).
+    params : None, list of str or callable, default=None
+        Which parameters count.
+    batch_size : int, default=256
+        Samples per batch.
+    device : str, torch.device or None, default=None
+        Where to compute.
+    random_state : int or None, default=None
+        Seeds stochastic parts.
+
+    Returns
+    -------
+    SampleRanking
+        ``scores`` (m,) in the order of X, ``order`` (indices by decreasing score), ``total``
+        (the measure), ``top(k)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skorch import NeuralNetClassifier
+    >>> from softrank.datasets import load_digits_split
+    >>> data = load_digits_split()
+    >>> X, y = data.X_train[:200], data.y_train[:200]
+    >>> _ = torch.manual_seed(0)
+    >>> net = NeuralNetClassifier(
+    ...     nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)),
+    ...     criterion=nn.CrossEntropyLoss, optimizer=torch.optim.Adam, lr=0.01,
+    ...     optimizer__weight_decay=1e-3, max_epochs=20, train_split=None, verbose=0)
+    >>> from softrank import rank_samples
+    >>> _ = net.fit(X, y)
+    >>> ranking = rank_samples(net, X, y, score="tic")
+    >>> ranking.top(3).shape, bool(ranking.scores[ranking.order[0]] >= ranking.scores.max())
+    ((3,), True)
     """
     if score not in SCORES:
         raise ValueError(f"score must be one of {SCORES}; got {score!r}")

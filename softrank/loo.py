@@ -1,4 +1,4 @@
-r"""Approximate leave-one-out in output space (SPEC §4a).
+r"""Approximate leave-one-out in output space.
 
 For the objective :math:`\sum_i \ell_i + \frac n2\theta^\top\Lambda\theta` (Gauss–Newton
 Hessian :math:`n(F+\Lambda)`), removing point i and taking one Newton step moves its output to
@@ -170,14 +170,65 @@ def _cg_blocks(md, L, indices, tol, maxiter, preconditioner):
 def approx_loo(md, lam, method: str = "exact", *, n_points: int | None = None,
                random_state=None, tol: float = 1e-8, maxiter: int = 500,
                preconditioner: str | None = "kfac", memory_budget=None) -> LOOResult:
-    """Approximate leave-one-out estimate of the test loss of ``md``'s network (SPEC §4a).
+    r"""Approximate leave-one-out estimate of the test loss of ``md``'s network.
 
-    ``md`` holds the training data (curvature samples); ``md.n_train`` is n of the objective.
-    ``method``: 'exact', 'kfac' or 'subsample' (``n_points`` random points, CG against the
-    full-data Fisher, KFAC-preconditioned unless ``preconditioner=None`` or a measured layer has
-    no Kronecker factorization).
-    ``memory_budget`` (bytes or '2GB'): refuse with a MemoryError, before any data pass, when
-    :func:`softrank.memory.estimate_loo_memory` says the method needs more.
+    One Newton step of the objective without each point, in output space (see
+    :class:`softrank.ApproxLOO`, which wraps this function for a skorch net).
+
+    Parameters
+    ----------
+    md : ModelData
+        The training data (curvature samples); ``md.n_train`` is n of the objective.
+    lam : float, dict or torch.Tensor
+        Λ, the weight decay of the objective.
+    method : {'exact', 'kfac', 'subsample'}, default='exact'
+        'exact': empirical NTK and one Cholesky factorization of size nK; 'kfac': Kronecker
+        factors; 'subsample': ``n_points`` random points, conjugate gradients against the
+        full-data Fisher (KFAC-preconditioned unless ``preconditioner=None`` or a
+        measured layer has no Kronecker factorization).
+    n_points : int or None, default=None
+        Points for 'subsample' (None: all).
+    random_state : int or None, default=None
+        Seeds the points of 'subsample'.
+    tol, maxiter : float, int, default=1e-8, 500
+        Conjugate-gradient tolerance (relative residual) and iteration limit.
+    preconditioner : {'kfac', None}, default='kfac'
+        Preconditioner of the conjugate gradients.
+    memory_budget : int, str or None, default=None
+        Refuse with a MemoryError, before any data pass, when
+        :func:`softrank.memory.estimate_loo_memory` says the method needs more.
+
+    Returns
+    -------
+    LOOResult
+        ``estimated_test_loss``, ``train_loss``, ``gap`` (loss units), ``stderr``
+        ('subsample'), per-point ``loo_losses``, ``soft_rank``, ``first_order_gap`` (the TIC
+        term) and ``diagnostics``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown method, or ``n_points`` outside 1..m.
+    MemoryError
+        When ``memory_budget`` is exceeded.
+
+    References
+    ----------
+    .. [1] Rad & Maleki (2020). "A scalable estimate of the out-of-sample prediction error via
+       approximate leave-one-out cross-validation." JRSS B 82(4).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from softrank import ModelData
+    >>> _ = torch.manual_seed(0)
+    >>> X, y = torch.randn(100, 5), torch.randint(0, 3, (100,))
+    >>> md = ModelData(nn.Linear(5, 3), nn.CrossEntropyLoss(), X, y)
+    >>> from softrank import approx_loo
+    >>> res = approx_loo(md, 1e-2, "exact")
+    >>> res.loo_losses.shape, bool(res.estimated_test_loss > res.train_loss)
+    ((100,), True)
     """
     md.require_labels("ApproxLOO")
     if method not in LOO_METHODS:

@@ -128,7 +128,8 @@ def soft_rank(md, lam, approximation: str = "exact", matrix: str = "fisher", *,
 
 
 def soft_rank_gap(md, lam, approximation: str = "exact", **kw) -> MeasureResult:
-    """The soft-rank gap estimate; same as :func:`soft_rank` on F, labels required."""
+    r"""The soft-rank gap estimate :math:`\alpha\,\mathrm{rank}_\Lambda(F)/n`; same as
+    :func:`soft_rank` on F, labels required."""
     md.require_labels("the soft-rank gap estimate")
     md.require_fisher("the soft-rank gap estimate")
     return soft_rank(md, lam, approximation, "fisher", **kw)
@@ -238,8 +239,8 @@ def hessian_norms(md, ord: str = "trace", *, max_params: int = DEFAULT_MAX_PARAM
 
 def effective_dimension(md, lam, approximation: str = "exact", matrix: str = "fisher",
                         **kw) -> MeasureResult:
-    r"""Log-det effective dimension :math:`\sum_j \log(1+\sigma_j/\lambda)` (concave trace
-    family)."""
+    r"""Log-det effective dimension :math:`\sum_j \log(1+\sigma_j/\lambda)` (a concave
+    trace function of the spectrum)."""
     M = curvature(md, matrix, approximation, **kw)
     L = M.lam(lam)
     value = M.logdet_dim(L)

@@ -1,7 +1,7 @@
 r"""A trained network together with the data it is measured on.
 
 :class:`ModelData` is the one entry point of the curvature layer: it holds a private evaluation
-copy of the module (the user's model is never touched: SPEC §6), the loss family of the
+copy of the module (the user's model is never touched), the loss family of the
 criterion, the parameters that count, and the data, and it streams batches of
 
 * network outputs :math:`z_i` (2-D, ``(N, K)``),
@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._progress import bar
 from .families import LossFamily, UnsupportedCriterionError, family_for
 from .layers import JacobianRule, LayerBatch, LayerRule, UnsupportedLayerError, rule_for
 
@@ -159,7 +160,7 @@ class ModelData:
     module : nn.Module
         The trained network. A private copy in evaluation mode is used.
     criterion : nn.Module
-        The loss the network was trained with (SPEC §3 family table, or any other).
+        The loss the network was trained with (a criterion of the family table, or any other).
     X, y : array-like or tensors
         The data (training data for the measures). ``y`` may be None for label-free quantities.
     params : None, list of names, or callable(name, parameter) -> bool
@@ -172,6 +173,20 @@ class ModelData:
         n of the gap estimates: the number of samples the model was trained on (default len(X)).
     device, dtype : optional
         Where/in which precision the copy runs (default: the module's). Sums are float64 anyway.
+
+    See Also
+    --------
+    curvature : curvature matrices of a ModelData.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from softrank import ModelData
+    >>> X, y = torch.randn(100, 5), torch.randint(0, 3, (100,))
+    >>> md = ModelData(nn.Linear(5, 3), nn.CrossEntropyLoss(), X, y)
+    >>> md.n, md.n_params, md.n_train
+    (100, 18, 100)
     """
 
     n_ignored = 0  # samples dropped because their label is the criterion's ignore_index
@@ -419,7 +434,8 @@ class ModelData:
         if vectors not in (None, "fisher", "residual", "jacobian", "sampled"):
             raise ValueError(f"unknown vectors {vectors!r}")
         N = self.n if indices is None else len(indices)
-        for start in range(0, N, self.batch_size):
+        starts = range(0, N, self.batch_size)
+        for start in bar(starts, desc=f"data pass ({vectors or 'outputs'})", unit="batch"):
             sl = slice(start, min(start + self.batch_size, N))
             rows = sl if indices is None else indices[sl]
             xb = self.X[rows].to(self.device)

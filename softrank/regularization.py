@@ -1,4 +1,5 @@
-r"""The Tikhonov term :math:`\tfrac12\theta^\top\Lambda\theta` (SPEC §2).
+r"""The Tikhonov term :math:`\tfrac12\theta^\top\Lambda\theta`: the weight decay of a mean-loss
+objective.
 
 :math:`\Lambda` is a scalar, a per-parameter-tensor value (a dict ``{name: value}``, e.g. from
 optimizer parameter groups) or a full per-element diagonal (a 1-D tensor of length ``p``).

@@ -16,8 +16,7 @@ r"""Scorers and the in-sample splitter: model selection by estimated test loss, 
                             cv=InSampleSplit())
 
 With an ordinary CV splitter the scorer sees held-out data: the loss term is then the
-held-out loss, and a measure built by the scorer (plain nets) is its held-out version
-(SPEC §2).
+held-out loss, and a measure built by the scorer (plain nets) is its held-out version.
 """
 from __future__ import annotations
 
@@ -67,13 +66,48 @@ class GapScorer:
 
 def make_gap_scorer(kind: str = "estimated_test_loss",
                     measure: GapEstimator | None = None) -> GapScorer:
-    """A picklable scorer ``(estimator, X, y) -> float``, greater is better.
+    r"""A picklable scorer ``(estimator, X, y) -> float``, greater is better.
 
-    ``kind``: 'estimated_test_loss' (−(loss on (X, y) + gap_)), 'gap' (−gap_) or 'measure'
-    (−measure_). ``measure``: an unfitted GapEstimator used as a template when the scored
-    estimator is a plain skorch net or Pipeline (its ``estimator`` is replaced by the scored
-    net, with ``prefit=True``); default ``SoftRankFIM(None)``. A GapEstimator being scored is
-    used as it is."""
+    Parameters
+    ----------
+    kind : {'estimated_test_loss', 'gap', 'measure'}, default='estimated_test_loss'
+        What the scorer returns, negated: the estimated test loss (mean loss on (X, y) plus
+        ``gap_``), ``gap_``, or ``measure_``.
+    measure : gap estimator or None, default=None
+        An unfitted estimator used as a template when the scored estimator is a plain skorch
+        net or Pipeline (its ``estimator`` is replaced by the scored net, with ``prefit=True``);
+        None: ``SoftRankFIM(None)``. A gap estimator being scored is used as it is.
+
+    Returns
+    -------
+    GapScorer
+        The scorer, for ``scoring=`` in GridSearchCV, ``cross_validate`` or multi-metric
+        ``refit=``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``kind``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skorch import NeuralNetClassifier
+    >>> from softrank.datasets import load_digits_split
+    >>> data = load_digits_split()
+    >>> X, y = data.X_train[:200], data.y_train[:200]
+    >>> _ = torch.manual_seed(0)
+    >>> net = NeuralNetClassifier(
+    ...     nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)),
+    ...     criterion=nn.CrossEntropyLoss, optimizer=torch.optim.Adam, lr=0.01,
+    ...     optimizer__weight_decay=1e-3, max_epochs=20, train_split=None, verbose=0)
+    >>> from softrank import ApproxLOO, make_gap_scorer
+    >>> scorer = make_gap_scorer("gap", measure=ApproxLOO(None))
+    >>> _ = net.fit(X, y)
+    >>> scorer(net, X, y) < 0  # minus the estimated gap
+    True
+    """
     return GapScorer(kind, measure)
 
 
@@ -81,18 +115,77 @@ _DEFAULT_SCORER = GapScorer()
 
 
 def gap_scorer(estimator, X, y) -> float:
-    """Estimated test loss, negated: ``estimator.score(X, y)`` for a GapEstimator (for
-    HessianNorm: −measure_), a SoftRankFIM(lam='auto') measurement for a plain net."""
+    r"""Estimated test loss, negated (greater is better), as a scikit-learn scorer.
+
+    For a gap estimator, ``estimator.score(X, y)`` (for :class:`HessianNorm`: −``measure_``);
+    for a plain fitted skorch net or Pipeline, the score of a
+    ``SoftRankFIM(lam='auto', prefit=True)`` measurement of it on (X, y).
+
+    Parameters
+    ----------
+    estimator : gap estimator, skorch net or Pipeline ending in one
+        Fitted.
+    X : array-like of shape (n_samples, ...)
+        Data to score on: the training data for the estimated test loss (``InSampleSplit``).
+    y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        Targets.
+
+    Returns
+    -------
+    float
+        −(mean loss on (X, y) + estimated gap), in loss units (nats per sample for
+        cross-entropy).
+
+    See Also
+    --------
+    make_gap_scorer : scorers for the gap or the measure, or with another estimator.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skorch import NeuralNetClassifier
+    >>> from softrank.datasets import load_digits_split
+    >>> data = load_digits_split()
+    >>> X, y = data.X_train[:200], data.y_train[:200]
+    >>> _ = torch.manual_seed(0)
+    >>> net = NeuralNetClassifier(
+    ...     nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 10)),
+    ...     criterion=nn.CrossEntropyLoss, optimizer=torch.optim.Adam, lr=0.01,
+    ...     optimizer__weight_decay=1e-3, max_epochs=20, train_split=None, verbose=0)
+    >>> from softrank import gap_scorer
+    >>> _ = net.fit(X, y)
+    >>> gap_scorer(net, X, y) < 0
+    True
+    """
     if isinstance(estimator, GapEstimator):
         return float(estimator.score(X, y))
     return _DEFAULT_SCORER(estimator, X, y)
 
 
 class InSampleSplit(BaseCrossValidator):
-    """Train and test on all samples, ``n_splits`` times (default once).
+    r"""Cross-validation splitter that trains and tests on all samples, ``n_splits`` times.
 
-    For model selection by an in-sample criterion (the estimated test loss of a
-    GapEstimator) with GridSearchCV / cross_validate, without a validation split."""
+    For model selection by an in-sample criterion (the estimated test loss of a gap estimator)
+    with :class:`sklearn.model_selection.GridSearchCV` or ``cross_validate``, without a
+    validation split: each split is (all indices, all indices).
+
+    Parameters
+    ----------
+    n_splits : int, default=1
+        Number of (identical) splits.
+
+    See Also
+    --------
+    gap_scorer : the scorer to use with it for plain nets.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softrank import InSampleSplit
+    >>> [(train.tolist(), test.tolist()) for train, test in InSampleSplit().split(np.zeros((3, 1)))]
+    [([0, 1, 2], [0, 1, 2])]
+    """
 
     def __init__(self, n_splits: int = 1):
         self.n_splits = n_splits

@@ -139,7 +139,7 @@ def test_soft_rank_fim_matches_reference(fitted, data, ref, approximation):
     assert est.train_loss_ == pytest.approx(ref.loss, rel=1e-10)
     assert est.stderr_ is None
     np.testing.assert_array_equal(est.classes_, [0, 1, 2])
-    calibrated = SoftRankFIM(fitted, approximation=approximation, calibrated=True).fit(*data)
+    calibrated = SoftRankFIM(fitted, approximation=approximation, gap_formula="rank").fit(*data)
     assert calibrated.gap_ == pytest.approx(rank / 60, rel=1e-8)
 
 

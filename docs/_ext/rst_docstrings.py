@@ -259,5 +259,14 @@ class RSTDocstrings(Extension):
     """Rewrite every docstring once, when griffe loads the object."""
 
     def on_instance(self, *, obj, **kwargs) -> None:
+        if getattr(obj, "kind", None) is not None and obj.kind.value == "class" \
+                and obj.path.startswith("softrank."):
+            # an estimator's docstring is completed by softrank._doc.compose at import time
+            # (the shared parameters and attributes): document the completed text
+            from softrank._doc import composed_source
+
+            composed = composed_source(obj.path)
+            if composed is not None and obj.docstring is not None:
+                obj.docstring.value = composed
         if obj.docstring is not None:
             obj.docstring.value = convert(obj.docstring.value)

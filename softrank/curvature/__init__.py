@@ -51,14 +51,49 @@ def curvature(md, matrix: str = "fisher", approximation: str = "exact", *,
               random_state=None, mc_samples: int = 1, centered: bool = False,
               max_params: int = DEFAULT_MAX_PARAMS, max_rows: int = 20000,
               memory_budget=None, **options) -> Curvature:
-    """Build the representation of ``matrix`` for a :class:`~softrank.model.ModelData`.
+    r"""Build the representation of a curvature matrix of a :class:`ModelData`.
 
-    ``random_state`` seeds the labels drawn for ``fisher_mc`` (and the probes of
-    ``matrix_free``); ``mc_samples`` labels per input. ``memory_budget`` (bytes or '2GB'):
-    refuse with a MemoryError, before any data pass, when :func:`softrank.memory.estimate_memory`
-    says the representation needs more. ``options`` go to
-    :class:`~softrank.curvature.matfree.MatrixFreeCurvature` (n_probes, lanczos_steps, tol,
-    maxiter, preconditioner, block_size).
+    Parameters
+    ----------
+    md : ModelData
+        The network and its training data.
+    matrix : {'fisher', 'fisher_mc', 'gsm', 'hessian'}, default='fisher'
+        F (the Fisher = GGN), the sampled Fisher, C (the gradient second moment) or H.
+    approximation : {'exact', 'dense', 'gram', 'diagonal', 'kfac', 'ekfac', 'matrix_free'}, default='exact'
+        The representation ('exact': dense for p ≤ ``max_params``, else Gram).
+    random_state : int or None, default=None
+        Seeds the labels drawn for 'fisher_mc' and the probes of 'matrix_free'.
+    mc_samples : int, default=1
+        Labels drawn per input for 'fisher_mc'.
+    centered : bool, default=False
+        Subtract the mean gradient's outer product from C.
+    max_params, max_rows : int, default=5000, 20000
+        Limits of the dense (p) and Gram (n·K) representations for 'exact'.
+    memory_budget : int, str or None, default=None
+        Refuse with a MemoryError, before any data pass, when
+        :func:`softrank.memory.estimate_memory` says the representation needs more.
+    **options
+        Passed to the matrix-free representation (``n_probes``, ``lanczos_steps``, ``tol``,
+        ``maxiter``, ``preconditioner``, ``block_size``).
+
+    Returns
+    -------
+    Curvature
+        With ``trace()``, ``diagonal()``, ``eigvals()``, ``matvec(v)``, ``solve(v, lam)``,
+        ``soft_rank(lam)``, ``logdet_dim(lam)``... (matrices of the mean loss).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from softrank import ModelData
+    >>> _ = torch.manual_seed(0)
+    >>> X, y = torch.randn(100, 5), torch.randint(0, 3, (100,))
+    >>> md = ModelData(nn.Linear(5, 3), nn.CrossEntropyLoss(), X, y)
+    >>> from softrank import curvature
+    >>> F = curvature(md, "fisher", "dense")
+    >>> 0 < F.soft_rank(1e-2) <= 18  # p = 18 parameters
+    True
     """
     if matrix not in MATRICES:
         raise ValueError(f"matrix must be one of {MATRICES}; got {matrix!r}")

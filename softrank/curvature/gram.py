@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .._progress import bar
 from ..regularization import Lam
 from .base import Curvature
 
@@ -101,7 +102,8 @@ class GramCurvature(Curvature):
             offs = [0]
             for f in self.feats:
                 offs.append(offs[-1] + f[0].g.shape[1] * self.V)
-            for i, fi in enumerate(self.feats):
+            for i, fi in bar(enumerate(self.feats), desc="Gram kernel", total=len(self.feats),
+                             unit="layer"):
                 for j in range(i, len(self.feats)):
                     blk = self._block(fi, self.feats[j], lw)
                     K[offs[i]:offs[i + 1], offs[j]:offs[j + 1]] = blk

@@ -3,7 +3,8 @@ r"""Hessian of the mean training loss, :math:`H = \nabla^2_\theta \frac1n\sum_i 
 ``hessian_vector_product`` streams batches (``torch.func.vjp`` of ``torch.func.grad``), for
 matrix-free methods; the dense Hessian (small p) is built by
 :func:`softrank.curvature.dense.dense_curvature` with ``matrix='hessian'``.
-For ReLU networks :math:`\mathrm{Tr}\,H = \mathrm{Tr}\,F` exactly (SPEC §5).
+For ReLU networks :math:`\mathrm{Tr}\,H = \mathrm{Tr}\,F` exactly (every weight enters
+linearly and relu'' = 0).
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ moments of the per-sample gradients in it,
 which makes its trace exact and its Frobenius error to F no larger than KFAC's.
 By default G uses the exact columns of :math:`B_i` (K backward passes); ``vectors='sampled'``
 uses labels drawn from the model (one backward pass, but it fails on confident models:
-SPEC §5).
+sampled labels almost always equal the prediction).
 """
 from __future__ import annotations
 

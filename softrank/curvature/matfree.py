@@ -53,6 +53,7 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
+from .._progress import bar
 from ..stochastic import (StochasticEstimate, hutchpp, lanczos_eigenvalues, logdet_function,
                           probes, slq, soft_rank_function, spectral_density)
 from .base import Curvature
@@ -108,7 +109,7 @@ def conjugate_gradients(matvec: Callable, rhs: torch.Tensor, *, shift: torch.Ten
     active = res.norm(dim=0) / norm_b > tol
     indefinite = torch.zeros_like(active)
     it = 0
-    for it in range(1, maxiter + 1):
+    for it in bar(range(1, maxiter + 1), desc="CG", unit="iteration"):
         if not active.any():
             it -= 1
             break
@@ -152,7 +153,7 @@ def minres(matvec: Callable, rhs: torch.Tensor, *, shift: torch.Tensor | float =
     norm_b = beta1.clamp_min(tiny)
     active = phibar / norm_b > tol
     it = 0
-    for it in range(1, maxiter + 1):
+    for it in bar(range(1, maxiter + 1), desc="MINRES", unit="iteration"):
         if not active.any():
             it -= 1
             break

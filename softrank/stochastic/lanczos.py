@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._progress import bar
 from .hutchinson import generator_from, probes
 from .result import StochasticEstimate
 
@@ -103,7 +104,7 @@ def lanczos(matvec: Callable, V0: torch.Tensor, steps: int, *, reorthogonalize: 
     b_prev = torch.zeros(m, dtype=torch.float64, device=V0.device)
     scale = torch.zeros(m, dtype=torch.float64)
     n_matvec = 0
-    for j in range(steps):
+    for j in bar(range(steps), desc="Lanczos", unit="step"):
         Q[j] = q
         act = active.to(V0.device)
         w = torch.zeros_like(q)

@@ -3,7 +3,8 @@ r"""Train one configuration with skorch and return its result row.
 The network is a skorch ``NeuralNetClassifier`` with ``CrossEntropyLoss`` on logits,
 ``train_split=None`` (so n = ``n_train``, every point is trained on), shuffled minibatches and
 Adam or SGD (momentum 0.9) with ``weight_decay`` = λ: the objective is
-:math:`\frac1n\sum_i\ell_i + \frac\lambda2\|\theta\|^2`, the convention of SPEC §2.
+:math:`\frac1n\sum_i\ell_i + \frac\lambda2\|\theta\|^2`, the
+convention of the estimators (mean loss, Λ = λI).
 
 Architectures (``arch``):
 
