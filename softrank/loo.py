@@ -73,6 +73,8 @@ __all__ = ["LOOResult", "approx_loo", "LOO_METHODS"]
 LOO_METHODS = ("auto", "exact", "cavity", "kfac", "subsample")
 #: kernel elements per chunk of the general (rotated, per-element weighted) layer kernel
 _CHUNK_ELEMENTS = 1 << 23
+#: how method='cavity' treats the points outside its subset (see _cavity_blocks)
+_CAVITY_REST = "ekfac"
 
 
 @dataclass(frozen=True)
@@ -254,22 +256,102 @@ def _woodbury_blocks(md, w: _Weights, indices, weight: float = 1.0):
     return torch.cat(blocks), torch.cat(zs), torch.cat(ys)
 
 
+def _inverse_diagonal_blocks(L: torch.Tensor, k: int, leaf: int = 1024) -> torch.Tensor:
+    r"""(N/k, k, k) diagonal k×k blocks of :math:`(LL^\top)^{-1}` for lower-triangular L.
+    With :math:`L = [[A, 0], [B, C]]`, :math:`L^{-1} = [[A^{-1}, 0], [-C^{-1}BA^{-1}, C^{-1}]]`:
+    two triangular solves per level (about N³/3 flops) and no N×N inverse in memory."""
+    N = L.shape[0]
+    if N <= leaf:
+        V = torch.linalg.solve_triangular(
+            L, torch.eye(N, dtype=L.dtype, device=L.device), upper=False).view(N, N // k, k)
+        return torch.einsum("xbi,xbj->bij", V, V)
+    h = (N // k // 2) * k
+    A, B, C = L[:h, :h], L[h:, :h], L[h:, h:]
+    Z = torch.linalg.solve_triangular(A, torch.linalg.solve_triangular(C, B, upper=False),
+                                      upper=False, left=False).view(N - h, h // k, k)
+    top = _inverse_diagonal_blocks(A, k, leaf).add_(torch.einsum("xbi,xbj->bij", Z, Z))
+    del Z
+    return torch.cat([top, _inverse_diagonal_blocks(C, k, leaf)])
+
+
+def _woodbury_fisher_blocks(md, w: _Weights, indices, weight: float = 1.0):
+    r"""(m, K', K') blocks :math:`M_i = B_i^\top P_i B_i` for the points S = ``indices``, with
+    :math:`P_i = J_i\tilde H^{-1}J_i^\top`, :math:`\tilde H = c\sum_{j\in S}J_j^\top A_jJ_j + D`
+    (c = ``weight``), plus z and y. With :math:`G = c\,B^\top\Theta B` on the Fisher rows only,
+    :math:`c\,M_i = [G(I+G)^{-1}]_{ii} = I - [(I+G)^{-1}]_{ii}`: one Cholesky of size m·K'
+    (in place) and the diagonal blocks of its inverse. Enough for the step whenever
+    :math:`r_i` lies in the range of :math:`B_i` (checked by the caller)."""
+    rules = md.rules
+    fis, zs, ys = [], [], []
+    for b in md.batches("fisher", indices=torch.as_tensor(indices)):
+        fis.append([LayerBatch(lb.a, lb.g * weight ** 0.5) for lb in b.layers])
+        zs.append(b.z.cpu())
+        ys.append(b.y.cpu())
+    Kp = fis[0][0].g.shape[0]
+    sizes = [f[0].g.shape[0] * f[0].g.shape[1] for f in fis]
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    dev = fis[0][0].g.device
+    G = torch.empty(int(offs[-1]), int(offs[-1]), dtype=torch.float64, device=dev)
+    for i, fi in enumerate(fis):
+        for j in range(i, len(fis)):
+            blk = _kernel(rules, fi, fis[j], w)
+            G[offs[i]:offs[i + 1], offs[j]:offs[j + 1]] = blk
+            if j != i:
+                G[offs[j]:offs[j + 1], offs[i]:offs[i + 1]] = blk.T
+    del fis
+    G.diagonal().add_(1.0)
+    info = torch.empty((), dtype=torch.int32, device=dev)
+    torch.linalg.cholesky_ex(G, out=(G, info))  # in place: one m·K' square in memory
+    if info != 0:
+        raise RuntimeError("Cholesky of I + BᵀΘB failed (non-finite outputs?)")
+    inv = _inverse_diagonal_blocks(G, Kp).cpu()
+    del G
+    eye = torch.eye(Kp, dtype=torch.float64)
+    return (eye - inv) / weight, torch.cat(zs), torch.cat(ys)
+
+
+def _in_range(B, r) -> bool:
+    """Whether every r_i lies in the range of B_i (then only B_iᵀP_iB_i matters)."""
+    s = torch.linalg.lstsq(B, r.unsqueeze(2)).solution
+    res = (B @ s).squeeze(2) - r
+    return bool((res.norm(dim=1) <= 1e-9 * r.norm(dim=1).clamp_min(1e-300)).all())
+
+
 # -- methods ------------------------------------------------------------------------------------
-def _exact_blocks(md, L):
-    """P_i = J_i (n(F+Λ))⁻¹ J_iᵀ for all curvature samples, F their mean Fisher."""
+def _outputs(md, indices):
+    out = list(md.batches(None, indices=torch.as_tensor(indices)))
+    return torch.cat([b.z for b in out]).cpu(), torch.cat([b.y for b in out]).cpu()
+
+
+def _woodbury(md, w, indices, weight, fisher_space):
+    if fisher_space:
+        return _woodbury_fisher_blocks(md, w, indices, weight)
+    return _woodbury_blocks(md, w, indices, weight)
+
+
+def _exact_blocks(md, L, fisher_space):
+    """P_i = J_i (n(F+Λ))⁻¹ J_iᵀ (or B_iᵀP_iB_i) for all curvature samples, F their mean
+    Fisher."""
     n = md.n_train
-    return _woodbury_blocks(md, _lam_weights(md.rules, L, n), np.arange(md.n), n / md.n)
+    return _woodbury(md, _lam_weights(md.rules, L, n), np.arange(md.n), n / md.n, fisher_space)
 
 
-def _cavity_blocks(md, L, indices):
-    r""":math:`\tilde P_i` of the ``'cavity'`` method for i ∈ S = ``indices``: the points of S
-    exact, the other n − m through EKFAC."""
+def _cavity_blocks(md, L, indices, fisher_space, rest="ekfac"):
+    r""":math:`\tilde P_i` (or :math:`B_i^\top\tilde P_iB_i`) of the ``'cavity'`` method for
+    i ∈ S = ``indices``, and the weight c of each point's own term in :math:`\tilde H`.
+    ``rest='ekfac'``: the points of S once, the other n − m through EKFAC (c = 1);
+    ``rest='rescale'``: the points of S weighted c = (n − 1)/(m − 1), so that the cavity
+    :math:`c\sum_{j\in S, j\ne i}J_j^\top A_jJ_j + n\Lambda` is unbiased for the Hessian
+    without point i."""
     n, m = md.n_train, len(indices)
     if m >= n:  # no other points: D = nΛ, exactly
-        return _woodbury_blocks(md, _lam_weights(md.rules, L, n), indices)
+        return (*_woodbury(md, _lam_weights(md.rules, L, n), indices, 1.0, fisher_space), 1.0)
+    if rest == "rescale":
+        c = (n - 1) / (m - 1)
+        return (*_woodbury(md, _lam_weights(md.rules, L, n), indices, c, fisher_space), c)
     require_kfac_capable(md.rules, "ApproxLOO(method='cavity')")
     F = KroneckerCurvature(md, "fisher", "fisher", ekfac=True)
-    return _woodbury_blocks(md, _eigenbasis_weights(F, L, n - m, n), indices)
+    return (*_woodbury(md, _eigenbasis_weights(F, L, n - m, n), indices, 1.0, fisher_space), 1.0)
 
 
 def _lossless(t, dtype):
@@ -428,33 +510,46 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
                                 preconditioner=preconditioner)
     n = md.n_train
     diagnostics: dict = {"method": method}
+    fam = md.family
+    fisher_space, own_weight = False, 1.0
     if method == "subsample":
         prec = _EigenbasisPreconditioner(md, L) if preconditioner == "kfac" else None
         blocks, cg_diag = _cg_blocks(md, L, torch.as_tensor(indices), tol, maxiter, prec)
         diagnostics.update(cg_diag)
         P = blocks / n
-        out = list(md.batches(None, indices=torch.as_tensor(indices)))
-        z, y = torch.cat([b.z for b in out]).cpu(), torch.cat([b.y for b in out]).cpu()
+        z, y = _outputs(md, indices)
     elif method == "kfac":
         blocks, z, y = _kfac_blocks(md, L)
         P = blocks / n
-    elif method == "cavity":
-        P, z, y = _cavity_blocks(md, L, indices)
     else:
-        P, z, y = _exact_blocks(md, L)
-    fam = md.family
-    Bf = fam.factor(z, y)
-    A = Bf @ Bf.transpose(1, 2)
+        z, y = _outputs(md, indices)
+        fisher_space = _in_range(fam.factor(z, y), fam.residual(z, y))
+        if method == "exact":
+            P, z, y = _exact_blocks(md, L, fisher_space)
+        else:
+            P, z, y, own_weight = _cavity_blocks(md, L, indices, fisher_space, _CAVITY_REST)
+    Bf = fam.factor(z, y)  # (m, K, K')
     r = fam.residual(z, y)
-    eye = torch.eye(z.shape[1], dtype=torch.float64)
-    step = torch.linalg.solve(eye - A @ P, r.unsqueeze(2))
-    z_loo = z + (P @ step).squeeze(2)
+    if fisher_space:  # P holds M_i = B_iᵀP_iB_i; r_i = B_i s_i
+        M = P
+        BtB = Bf.transpose(1, 2) @ Bf
+        s = torch.linalg.solve(BtB, (Bf.transpose(1, 2) @ r.unsqueeze(2)))
+        t = torch.linalg.solve(torch.eye(M.shape[1], dtype=torch.float64) - own_weight * M, s)
+        shift = (Bf @ torch.linalg.solve(BtB, M @ t)).squeeze(2)  # the step in range(B_i)
+        first = (s.transpose(1, 2) @ M @ s).reshape(-1)
+    else:
+        M = Bf.transpose(1, 2) @ P @ Bf
+        eye = torch.eye(z.shape[1], dtype=torch.float64)
+        A = Bf @ Bf.transpose(1, 2)
+        shift = (P @ torch.linalg.solve(eye - own_weight * A @ P, r.unsqueeze(2))).squeeze(2)
+        first = torch.einsum("ik,ikl,il->i", r, P, r)
+    z_loo = z + shift
     loo = fam.loss(z_loo, y).numpy()
     own = fam.loss(z, y).numpy()
     # spectrum of A_i P_i (= that of B_iᵀ P_i B_i): in [0, 1) for the exact P_i and by
     # construction for 'cavity'; a value ≥ 1 means the approximate curvature does not dominate
     # the point's own term, and the leave-one-out Newton step for that point is meaningless
-    leverage = torch.linalg.eigvalsh(Bf.transpose(1, 2) @ P @ Bf).max(1).values
+    leverage = own_weight * torch.linalg.eigvalsh(M).max(1).values
     invalid = int((leverage >= 1).sum())
     diagnostics.update(max_point_leverage=float(leverage.max()), invalid_points=invalid)
     if invalid:
@@ -464,8 +559,7 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
             f"A_i P_i = {float(leverage.max()):.3g} ≥ 1), so their leave-one-out step is "
             "invalid and the estimate is unreliable; use method='exact' or 'cavity'",
             RuntimeWarning, stacklevel=2)
-    rank_terms = torch.einsum("ikl,ilk->i", A, P)
-    first = torch.einsum("ik,ikl,il->i", r, P, r)
+    rank_terms = M.diagonal(dim1=1, dim2=2).sum(1)
     if method in ("subsample", "cavity"):
         diffs = loo - own
         train_loss = float(torch.cat([fam.loss(b.z, b.y) for b in md.batches(None)]).mean())

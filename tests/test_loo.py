@@ -337,3 +337,49 @@ def test_cavity_matches_its_dense_definition():
                            extra=(md.n - 12) * F_ekfac, subset=res.indices)
     np.testing.assert_allclose(res.loo_losses, ref, rtol=1e-9)
     assert res.diagnostics["invalid_points"] == 0 and res.diagnostics["max_point_leverage"] < 1
+
+
+def test_inverse_diagonal_blocks_recursion():
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(60, 60, generator=g)
+    M = X @ X.T + 60 * torch.eye(60)
+    inv = torch.linalg.inv(M)
+    ref = torch.stack([inv[3 * b:3 * b + 3, 3 * b:3 * b + 3] for b in range(20)])
+    for leaf in (6, 9, 1024):  # several levels of recursion, and none
+        got = loo_module._inverse_diagonal_blocks(torch.linalg.cholesky(M), 3, leaf=leaf)
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_fisher_rows_path_equals_the_full_blocks():
+    """B_iᵀP_iB_i from the Fisher rows alone (one Cholesky, diagonal blocks of its inverse)
+    equals the projection of the full K×K blocks from the Jacobian rows."""
+    net, X, y = _small_mlp_data(10, n=30)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8, n_train=45)
+    L = as_lam(0.02, md.param_names, md.sizes)
+    w = loo_module._lam_weights(md.rules, L, 45)
+    idx = np.arange(md.n)
+    M, z, y2 = loo_module._woodbury_fisher_blocks(md, w, idx, 1.5)
+    P, _, _ = loo_module._woodbury_blocks(md, w, idx, 1.5)
+    B = md.family.factor(z, y2)
+    np.testing.assert_allclose(M.numpy(), (B.transpose(1, 2) @ P @ B).numpy(), rtol=1e-9,
+                               atol=1e-13)
+
+
+def test_auto_picks_exact_then_cavity(monkeypatch):
+    net, X, y = _small_mlp_data(12, n=30)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
+    assert approx_loo(md, 0.05).method == "exact"
+    monkeypatch.setattr(memory, "LOO_AUTO_EXACT_BYTES", 0)
+    monkeypatch.setattr(memory, "LOO_CAVITY_POINTS", 10)
+    res = approx_loo(md, 0.05, random_state=0)
+    assert res.method == "cavity" and len(res.indices) == 10 and res.stderr > 0
+
+
+def test_subsample_not_converged_warns_and_has_no_stderr():
+    net, X, y = _small_mlp_data(13, n=30)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        res = approx_loo(md, 1e-3, "subsample", n_points=6, random_state=0, maxiter=2,
+                         preconditioner=None)
+    assert not res.diagnostics["converged"] and res.diagnostics["max_relative_residual"] > 1e-8
+    assert np.isnan(res.stderr) and res.diagnostics["sampling_stderr"] > 0
