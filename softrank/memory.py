@@ -29,7 +29,8 @@ ApproxLOO (:func:`estimate_loo_memory`; m points, K' ≤ K columns of the loss f
 ==============  ==================================================================  ==========
 method          main terms                                                          grows with
 ==============  ==================================================================  ==========
-exact           :math:`8(nK')^2` (the Cholesky of I + BᵀΘB, factored in place) +     n², n
+exact           :math:`1.5\cdot 8(nK')^2` (the Cholesky of I + BᵀΘB, factored in       n², n
+                place, and the temporaries of the diagonal blocks of its inverse) +
                 :math:`2\cdot 8BK\cdot nK'` (one batch of kernel rows and their
                 solve) + the recorded layer inputs / Jacobian and Fisher output
                 gradients of all n
@@ -291,6 +292,7 @@ def _woodbury(L: _Layout, m: int, Kp: int) -> dict:
     """The terms of ApproxLOO's Woodbury solve on m points."""
     K = L.K
     return {"Cholesky of I + BᵀΘB (mK')², in place": F64 * (m * Kp) ** 2,
+            "diagonal blocks of its inverse (two (mK'/2)² temporaries)": F64 * (m * Kp) ** 2 // 2,
             "one batch of kernel rows and their solve": 2 * F64 * min(L.B, m) * K * m * Kp,
             "recorded layer inputs/gradients (m points)": _batch_records(L, K + Kp, m),
             "autograd graph (one batch)": _graph(L, K),
