@@ -215,6 +215,27 @@ def _fisher_grads(g, B):
     return torch.bmm(B.transpose(1, 2), gj).view(N, -1, T, d)
 
 
+def _cholesky_of_gram(rules, fis, w: _Weights) -> torch.Tensor:
+    r"""Lower Cholesky factor of :math:`I + \tilde B^\top\Theta\tilde B` over the Fisher-row
+    records ``fis`` (batches), factored in place: one m·K' square in memory."""
+    sizes = [f[0].g.shape[0] * f[0].g.shape[1] for f in fis]
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    dev = fis[0][0].g.device
+    G = torch.empty(int(offs[-1]), int(offs[-1]), dtype=torch.float64, device=dev)
+    for i, fi in enumerate(fis):
+        for j in range(i, len(fis)):
+            blk = _kernel(rules, fi, fis[j], w)
+            G[offs[i]:offs[i + 1], offs[j]:offs[j + 1]] = blk
+            if j != i:
+                G[offs[j]:offs[j + 1], offs[i]:offs[i + 1]] = blk.T
+    G.diagonal().add_(1.0)
+    info = torch.empty((), dtype=torch.int32, device=dev)
+    torch.linalg.cholesky_ex(G, out=(G, info))
+    if info != 0:
+        raise RuntimeError("Cholesky of I + BᵀΘB failed (non-finite outputs?)")
+    return G
+
+
 def _woodbury_blocks(md, w: _Weights, indices, weight: float = 1.0):
     r"""(m, K, K) blocks :math:`P_i = J_i\tilde H^{-1}J_i^\top` for the points ``indices`` (S),
     :math:`\tilde H = c\sum_{j\in S}J_j^\top A_jJ_j + D` (c = ``weight``), with the z and y of
@@ -231,21 +252,7 @@ def _woodbury_blocks(md, w: _Weights, indices, weight: float = 1.0):
         fis.append([LayerBatch(lb.a, _fisher_grads(lb.g, B).transpose(0, 1)) for lb in b.layers])
         zs.append(b.z.cpu())
         ys.append(b.y.cpu())
-    sizes = [f[0].g.shape[0] * f[0].g.shape[1] for f in fis]
-    offs = np.concatenate([[0], np.cumsum(sizes)])
-    dev = fis[0][0].g.device
-    G = torch.empty(int(offs[-1]), int(offs[-1]), dtype=torch.float64, device=dev)
-    for i, fi in enumerate(fis):
-        for j in range(i, len(fis)):
-            blk = _kernel(rules, fi, fis[j], w)
-            G[offs[i]:offs[i + 1], offs[j]:offs[j + 1]] = blk
-            if j != i:
-                G[offs[j]:offs[j + 1], offs[i]:offs[i + 1]] = blk.T
-    G.diagonal().add_(1.0)
-    info = torch.empty((), dtype=torch.int32, device=dev)
-    torch.linalg.cholesky_ex(G, out=(G, info))  # in place: one m(K−1) square in memory
-    if info != 0:
-        raise RuntimeError("Cholesky of I + BᵀΘB failed (non-finite outputs?)")
+    G = _cholesky_of_gram(rules, fis, w)
     blocks = []
     for f in jac:
         X = torch.cat([_kernel(rules, f, fj, w) for fj in fis], 1)  # (N·K, m·K')
@@ -288,22 +295,8 @@ def _woodbury_fisher_blocks(md, w: _Weights, indices, weight: float = 1.0):
         zs.append(b.z.cpu())
         ys.append(b.y.cpu())
     Kp = fis[0][0].g.shape[0]
-    sizes = [f[0].g.shape[0] * f[0].g.shape[1] for f in fis]
-    offs = np.concatenate([[0], np.cumsum(sizes)])
-    dev = fis[0][0].g.device
-    G = torch.empty(int(offs[-1]), int(offs[-1]), dtype=torch.float64, device=dev)
-    for i, fi in enumerate(fis):
-        for j in range(i, len(fis)):
-            blk = _kernel(rules, fi, fis[j], w)
-            G[offs[i]:offs[i + 1], offs[j]:offs[j + 1]] = blk
-            if j != i:
-                G[offs[j]:offs[j + 1], offs[i]:offs[i + 1]] = blk.T
+    G = _cholesky_of_gram(rules, fis, w)
     del fis
-    G.diagonal().add_(1.0)
-    info = torch.empty((), dtype=torch.int32, device=dev)
-    torch.linalg.cholesky_ex(G, out=(G, info))  # in place: one m·K' square in memory
-    if info != 0:
-        raise RuntimeError("Cholesky of I + BᵀΘB failed (non-finite outputs?)")
     inv = _inverse_diagonal_blocks(G, Kp).cpu()
     del G
     eye = torch.eye(Kp, dtype=torch.float64)
