@@ -1,32 +1,42 @@
-"""Speed of ApproxLOO (issue 7, "Speed"), ratios measured in one run.
+"""ApproxLOO: accuracy of the large-n methods against the exact one, and cost at n = 60,000.
 
-On an MLP 784-512-512-10 (float32) briefly trained on MNIST with Adam + weight decay:
+Part ``accuracy`` (``--sizes``, default 1,000 and 3,000 MNIST training images): for each net of
+``--nets`` (``WIDTH:LAMBDA``, MLP 784-WIDTH-10), train with Adam (weight decay = λ) and FINISH it
+to the regularized minimum with full-batch L-BFGS (strong Wolfe) on mean loss + ½λ‖θ‖², print
+its relative stationarity r = ‖∇(objective)‖/‖λθ‖, then compare with ``method='exact'``:
+``'cavity'`` with each of ``--cavity-points`` points and ``'kfac'``: relative error of the gap
+estimate, Spearman correlation of the per-point leave-one-out losses (on the points the method
+measured), invalid points (max eig A_iP_i ≥ 1), time.
 
-1. exact ApproxLOO (NTK + one Cholesky of size nK) ÷ exact Gram soft rank, same model and the
-   first ``--n`` images (default 1,000: nK = 10,000). Target ≤ 2.
-2. KFAC ApproxLOO over ``--n-train`` images (default 10,000) ÷ one training epoch over the same
-   images and batch size. Target ≤ 3.
+Part ``scale``: n = 60,000 (``--n-large``), an MLP 784-512-10 and a small CNN, one epoch of
+Adam each, then ``'cavity'`` with its default points: time relative to one training epoch (same
+images, batch size 256), peak resident memory while it runs (reset after training), its
+standard error.
 
-Wall and CPU seconds are both printed (CPU time is the robust one when other processes compete
-for the cores).
+One thread by default (``--threads``); wall and CPU seconds are both printed (CPU time is the
+robust one when other processes compete for the cores).
 
-    python benchmarks/bench_loo.py            # the issue's configuration
-    python benchmarks/bench_loo.py --quick    # --n 300 --n-train 2000
+    python benchmarks/bench_loo.py                       # both parts, the documented grid
+    python benchmarks/bench_loo.py --part accuracy --sizes 1000
+    python benchmarks/bench_loo.py --quick               # n = 300, two small nets, no scale part
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
+import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
+from scipy.stats import spearmanr
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from softrank.curvature import curvature  # noqa: E402
+from softrank import loo as loo_module  # noqa: E402
 from softrank.loo import approx_loo  # noqa: E402
 from softrank.model import ModelData  # noqa: E402
 
@@ -34,58 +44,140 @@ from softrank.model import ModelData  # noqa: E402
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_common_args(p)
-    p.add_argument("--n", type=int, default=1_000, help="images for exact ApproxLOO vs Gram")
-    p.add_argument("--n-train", type=int, default=10_000, help="images for KFAC ApproxLOO")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--weight-decay", type=float, default=1e-4)
-    p.add_argument("--epochs", type=int, default=1)
+    p.set_defaults(threads=1)
+    p.add_argument("--part", choices=("accuracy", "scale", "both"), default="both")
+    p.add_argument("--sizes", default="1000,3000", help="n of the accuracy part")
+    p.add_argument("--nets", default="64:1e-4,512:1e-3,256:1e-2,128:1e-1",
+                   help="WIDTH:LAMBDA of the MLPs 784-WIDTH-10 of the accuracy part")
+    p.add_argument("--cavity-points", default="100,300,1000",
+                   help="points of method='cavity' (those below n are run)")
+    p.add_argument("--rest", default="ekfac,rescale",
+                   help="how 'cavity' treats the points outside its subset (compared)")
+    p.add_argument("--lbfgs-iters", type=int, default=300)
+    p.add_argument("--n-large", type=int, default=60_000)
+    p.add_argument("--lam-large", type=float, default=1e-3)
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.n, args.n_train = min(args.n, 300), min(args.n_train, 2000)
+        args.sizes, args.nets, args.cavity_points = "300", "64:1e-3,128:1e-1", "50,100"
+        args.part, args.lbfgs_iters = "accuracy", 100
     return args
+
+
+def finish(model, X, y, lam, iters):
+    """Full-batch L-BFGS (strong Wolfe) on mean CE + ½λ‖θ‖²; returns the relative
+    stationarity ‖∇(objective)‖ / ‖λθ‖ at the end."""
+    params = list(model.parameters())
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=50,
+                            tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+    loss_fn = nn.CrossEntropyLoss()
+
+    def objective():
+        opt.zero_grad()
+        loss = loss_fn(model(X), y) + 0.5 * lam * sum((p * p).sum() for p in params)
+        loss.backward()
+        return loss
+
+    model.train()
+    opt.step(objective)
+    model.eval()
+    objective()
+    g = torch.cat([p.grad.reshape(-1) for p in params]).double()
+    theta = torch.cat([p.detach().reshape(-1) for p in params]).double()
+    opt.zero_grad()
+    return float(g.norm() / (lam * theta.norm()))
+
+
+def run(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        wall, cpu, res = C.timed_cpu(fn)
+    return wall, cpu, res
+
+
+def accuracy_part(args):
+    X_all, y_all = C.load_mnist(args.data, max(int(s) for s in args.sizes.split(",")))
+    rows = []
+    header = ["n", "net", "λ", "r", "method", "points", "gap", "± stderr", "rel. error",
+              "rel. error, same points", "Spearman", "invalid", "wall s", "CPU s"]
+    for n in (int(s) for s in args.sizes.split(",")):
+        X, y = X_all[:n], y_all[:n]
+        for spec in args.nets.split(","):
+            width, lam = int(spec.split(":")[0]), float(spec.split(":")[1])
+            model = C.train(C.mlp((784, width, 10), seed=args.seed), X, y, epochs=5,
+                            batch_size=128, weight_decay=lam, seed=args.seed)
+            r = finish(model, X, y, lam, args.lbfgs_iters)
+            md = ModelData(model, nn.CrossEntropyLoss(), X, y, batch_size=256)
+            net = f"784-{width}-10"
+            w, c, ex = run(lambda: approx_loo(md, lam, "exact"))
+            base = [n, net, f"{lam:g}", f"{r:.2g}"]
+            rows.append(base + ["exact", n, f"{ex.gap:.4f}", "—", "—", "—", "—",
+                                ex.diagnostics["invalid_points"], f"{w:.1f}", f"{c:.1f}"])
+            print(C.table(rows[-1:], header).splitlines()[-1], flush=True)
+            runs = [(f"cavity/{rest}", int(m)) for m in args.cavity_points.split(",")
+                    if int(m) < n for rest in args.rest.split(",")]
+            for method, m in runs + [("kfac", n)]:
+                kw = {"n_points": m, "random_state": args.seed} if method != "kfac" else {}
+                loo_module._CAVITY_REST = method.partition("/")[2] or "ekfac"
+                w, c, res = run(lambda: approx_loo(md, lam, method.partition("/")[0], **kw))
+                rho = spearmanr(res.loo_losses, ex.loo_losses[res.indices]).statistic
+                # the exact estimate restricted to the method's points: its bias alone
+                same = float((ex.loo_losses - ex.point_losses)[res.indices].mean())
+                ours = float((res.loo_losses - res.point_losses).mean())
+                se = "—" if res.stderr is None else f"{res.stderr:.4f}"
+                rows.append(base + [method, m, f"{res.gap:.4f}", se,
+                                    f"{(res.gap - ex.gap) / ex.gap:+.1%}",
+                                    f"{(ours - same) / same:+.1%}", f"{rho:.3f}",
+                                    res.diagnostics["invalid_points"], f"{w:.1f}", f"{c:.1f}"])
+                print(C.table(rows[-1:], header).splitlines()[-1], flush=True)
+    return C.table(rows, header)
+
+
+def small_cnn(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 8, 3, stride=2, padding=1),
+                         nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 7 * 7, 10))
+
+
+def scale_part(args):
+    X, y = C.load_mnist(args.data, args.n_large)
+    lam = args.lam_large
+    rows = []
+    for name, model in (("MLP 784-512-10", C.mlp((784, 512, 10), seed=args.seed)),
+                        ("CNN c8-c16-fc", small_cnn(args.seed))):
+        opt = C.make_optimizer(model, lam)
+        gen = torch.Generator().manual_seed(args.seed)
+        ep_w, ep_c, _ = C.timed_cpu(lambda: C.train_epoch(model, opt, X, y, 256, gen))
+        model.eval()
+        md = ModelData(model, nn.CrossEntropyLoss(), X, y, batch_size=256)
+        base_rss = C.rss_bytes()
+        C.reset_peak_rss()
+        w, c, res = run(lambda: approx_loo(md, lam, "cavity", random_state=args.seed))
+        peak = C.peak_rss_bytes()
+        rows.append([name, f"{C.n_params(model):,}", args.n_large, len(res.indices),
+                     f"{res.gap:.4f} ± {res.stderr:.4f}", res.diagnostics["invalid_points"],
+                     f"{w:.0f} s / {ep_w:.1f} s = {w / ep_w:.1f}",
+                     f"{c:.0f} s / {ep_c:.1f} s = {c / ep_c:.1f}",
+                     C.gib(peak), C.gib(peak - base_rss)])
+        print(rows[-1], flush=True)
+    return C.table(rows, ["net", "p", "n", "points", "gap ± stderr", "invalid",
+                          "wall: cavity / epoch", "CPU: cavity / epoch",
+                          "peak RSS (process)", "peak − RSS before"])
 
 
 def main(argv=None):
     args = parse_args(argv)
     C.setup_torch(args.threads, args.seed)
-    X, y = C.load_mnist(args.data, args.n_train)
-    model = C.train(C.mlp(), X, y, epochs=args.epochs, batch_size=args.batch_size,
-                    weight_decay=args.weight_decay, seed=args.seed, device=args.device)
-    lam = args.weight_decay
-    print(f"# bench_loo: MLP 784-512-512-10 (p = {C.n_params(model):,}), {args.epochs} epoch(s)"
-          f" of Adam (weight decay = λ = {lam:g}); torch {torch.__version__}, {args.threads} "
-          f"threads, device {args.device}; load average {C.load_average()}\n")
-
-    def md_for(n):
-        return ModelData(model, nn.CrossEntropyLoss(), X[:n], y[:n], batch_size=args.batch_size,
-                         device=args.device)
-
-    rows = []
-    gram_t, gram_c, rank = C.timed_cpu(
-        lambda: curvature(md_for(args.n), "fisher", "gram").soft_rank(lam), args.device)
-    loo_t, loo_c, res = C.timed_cpu(lambda: approx_loo(md_for(args.n), lam, "exact"), args.device)
-    rows.append([f"exact ApproxLOO ÷ exact Gram soft rank (n = {args.n})",
-                 f"{loo_t:.1f} s / {gram_t:.1f} s", f"{loo_c:.1f} s / {gram_c:.1f} s",
-                 f"{loo_t / gram_t:.2f}", "≤ 2"])
-    check = f"rank from ApproxLOO {res.soft_rank:.2f} vs Gram {rank:.2f}"
-
-    trainee = copy.deepcopy(model)
-    opt = C.make_optimizer(trainee, lam)
-    gen = torch.Generator().manual_seed(args.seed)
-    ep_t, ep_c, _ = C.timed_cpu(lambda: C.train_epoch(trainee, opt, X, y, args.batch_size, gen,
-                                                      args.device), args.device)
-    with_warn = []
-    kf_t, kf_c, kres = C.timed_cpu(
-        lambda: approx_loo(md_for(args.n_train), lam, "kfac"), args.device)
-    with_warn.append(kres.diagnostics.get("invalid_points"))
-    rows.append([f"KFAC ApproxLOO ÷ one training epoch (n = {args.n_train})",
-                 f"{kf_t:.1f} s / {ep_t:.1f} s", f"{kf_c:.1f} s / {ep_c:.1f} s",
-                 f"{kf_t / ep_t:.2f}", "≤ 3"])
-    print(C.table(rows, ["ratio", "wall", "CPU", "wall ratio", "target"]))
-    print(f"\n{check}; exact ApproxLOO gap {res.gap:.4f}, KFAC ApproxLOO gap "
-          f"{kres.gap:.4f} (n = {args.n_train}, points with invalid step: {with_warn[0]}); "
-          f"load average at the end: {C.load_average()}")
+    print(f"# bench_loo: torch {torch.__version__}, {args.threads} thread(s), device "
+          f"{args.device}; load average {C.load_average()}; {time.strftime('%Y-%m-%d %H:%M')}\n",
+          flush=True)
+    if args.part in ("accuracy", "both"):
+        print(accuracy_part(args), flush=True)
+    if args.part in ("scale", "both"):
+        print(scale_part(args), flush=True)
+    print(f"\nload average at the end: {C.load_average()}")
 
 
 if __name__ == "__main__":

@@ -940,19 +940,30 @@ class ApproxLOO(GapEstimator):
 
     Parameters
     ----------
-    method : {'exact', 'kfac', 'subsample'}, default='exact'
-        'exact': empirical NTK and one Cholesky factorization of size nK (moderate n·K);
-        'kfac': P_i from the Kronecker factors, any n; 'subsample': ``n_points`` random points,
-        P_i by conjugate gradients (KFAC-preconditioned) against the full-data Fisher, with
-        ``stderr_``.
+    method : {'auto', 'exact', 'cavity', 'kfac', 'subsample'}, default='auto'
+        'auto' (default): 'exact' while its memory (a Cholesky of size n(K−1)) stays below
+        ``softrank.memory.LOO_AUTO_EXACT_BYTES`` (2 GiB), 'cavity' above.
+        'exact': Woodbury on the empirical NTK, one Cholesky of size n(K−1) (moderate n·K).
+        'cavity': ``n_points`` random points kept exactly, the other points through EKFAC, and
+        each point's leave-one-out step from its cavity
+        :math:`J_i(\tilde H - J_i^\top A_iJ_i)^{-1}J_i^\top`, positive semi-definite by
+        construction (no invalid points), memory flat in n, with ``stderr_`` over the points.
+        'kfac': P_i from the Kronecker factors, any n; it fails on wide or memorizing nets,
+        where KFAC spreads a point's own curvature over the layer and many points get
+        max eig :math:`A_iP_i \ge 1` (invalid steps: counted and warned about).
+        'subsample': ``n_points`` random points, P_i by conjugate gradients
+        (KFAC-preconditioned) against the full-data Fisher, with ``stderr_`` (NaN, with a
+        warning, when conjugate gradients did not converge).
     n_points : int or None, default=None
-        Points for ``method='subsample'`` (None: all).
+        Points for 'cavity' (default ``softrank.memory.LOO_CAVITY_POINTS`` = 1000, at most n)
+        and 'subsample' (default: all).
     memory_budget : int, str or None, default=None
         As for the other estimators, checked against
-        :func:`softrank.memory.estimate_loo_memory` of ``method`` ('exact': the nK×nK NTK
-        kernel and its Cholesky factor, quadratic in n; 'kfac': the Kronecker factors and at
-        most ``softrank.loo.KFAC_CACHE_BYTES`` of cached layer records; 'subsample': the
-        Jacobians of the ``n_points`` points and the CG vectors).
+        :func:`softrank.memory.estimate_loo_memory` of ``method`` ('exact': a Cholesky of size
+        n(K−1), quadratic in n; 'cavity': the same on its points plus the EKFAC factors, flat
+        in n; 'kfac': the Kronecker factors and at most ``softrank.memory.KFAC_CACHE_BYTES`` of
+        cached layer records; 'subsample': the Jacobians of the ``n_points`` points and the CG
+        vectors).
 
     Attributes
     ----------
@@ -1001,7 +1012,7 @@ class ApproxLOO(GapEstimator):
 
     _requires_fisher = False  # a GGN Newton step works for any twice-differentiable criterion
 
-    def __init__(self, estimator, *, lam="auto", method="exact", n_points=None,
+    def __init__(self, estimator, *, lam="auto", method="auto", n_points=None,
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
                  params=None, prefit="auto", memory_budget=None, verbose=False):
         self.estimator = estimator
@@ -1039,7 +1050,7 @@ class ApproxLOO(GapEstimator):
                        "tic_gap": res.first_order_gap, "train_loss": res.train_loss,
                        **res.diagnostics}
         return MeasureResult("approx_loo", res.estimated_test_loss, res.gap, res.n,
-                             res.lam, self.method, diagnostics)
+                             res.lam, res.method, diagnostics)
 
     def _after_fit(self, md, X_curvature):
         res = self._loo

@@ -1,28 +1,55 @@
 r"""Approximate leave-one-out in output space.
 
 For the objective :math:`\sum_i \ell_i + \frac n2\theta^\top\Lambda\theta` (Gauss–Newton
-Hessian :math:`n(F+\Lambda)`), removing point i and taking one Newton step moves its output to
+Hessian :math:`H = n(F+\Lambda)`), removing point i and taking one Newton step moves its output to
 
 .. math::
-    z_i^{(-i)} = z_i + P_i (I - A_i P_i)^{-1} r_i,\qquad
-    P_i = J_i\,\big(n(F+\Lambda)\big)^{-1} J_i^\top\ (K\times K),
+    z_i^{(-i)} = z_i + Q_i r_i,\qquad
+    Q_i = P_i (I - A_i P_i)^{-1} = J_i\,\big(H - J_i^\top A_i J_i\big)^{-1} J_i^\top,\qquad
+    P_i = J_i H^{-1} J_i^\top\ (K\times K),
 
-with :math:`r_i = \partial\ell_i/\partial z_i` at the true label. The estimated test loss is
-:math:`\frac1n\sum_i \ell(y_i, z_i^{(-i)})`; the gap estimate subtracts the training loss.
+with :math:`r_i = \partial\ell_i/\partial z_i` at the true label. :math:`Q_i` is the *cavity*
+covariance: the point's outputs seen by the Hessian of the other points. The estimated test loss
+is :math:`\frac1n\sum_i \ell(y_i, z_i^{(-i)})`; the gap estimate subtracts the training loss.
 Identities: :math:`\sum_i \mathrm{tr}(A_iP_i) = \mathrm{rank}_\Lambda(F)` and
 :math:`\frac1n\sum_i r_i^\top P_i r_i` is the Fisher-TIC gap estimate (the first-order term).
 For MSE the step is exact: the classical leave-one-out (PRESS) shortcut.
 
-Three ways to get :math:`P_i` (``method``):
+Λ may be a scalar, a dict {parameter name: value} or a (p,) tensor (the diagonal of Λ), for every
+method. Ways to get :math:`P_i` (``method``):
 
-* ``'exact'`` — from the empirical NTK :math:`\Theta = J\Lambda^{-1}J^\top` (nK×nK, built layer by
-  layer, no per-sample gradient of length p) and one Cholesky of size nK (Woodbury):
-  :math:`J(F+\Lambda)^{-1}J^\top = m\,[\Theta_m - \Theta_m B (I + B^\top\Theta_m B)^{-1}
-  B^\top\Theta_m]`, :math:`\Theta_m = \Theta/m`, m = samples in the curvature;
-* ``'kfac'`` — :math:`P_i` from the Kronecker factors' eigenbases, one sample at a time, any n;
-* ``'subsample'`` — the estimate is a mean over points: compute it on ``n_points`` random points,
-  with :math:`P_i` from conjugate gradients (K right-hand sides per point) against the
-  full-data Fisher, and report a standard error.
+* ``'exact'`` — Woodbury on the kernel :math:`J D^{-1} J^\top` with :math:`D = n\Lambda`:
+  :math:`P_i = \Theta_{ii} - \Theta_{iS}\tilde B(I + \tilde B^\top\Theta_{SS}\tilde B)^{-1}
+  \tilde B^\top\Theta_{Si}` with :math:`\Theta = J(n\Lambda)^{-1}J^\top`, one Cholesky of size
+  n(K−1) (softmax) and no per-sample gradient of length p (the kernel is summed layer by layer);
+* ``'cavity'`` — valid by construction at any n: ``n_points`` random points S are kept exactly
+  and the other n − m points are replaced by the EKFAC approximation of the Fisher (George et al.,
+  2018), :math:`\tilde H = \sum_{j\in S}J_j^\top A_jJ_j + (n-m)\tilde F_{\mathrm{EKFAC}} +
+  n\Lambda`. For i ∈ S the own term :math:`J_i^\top A_iJ_i` is exact, so the cavity
+  :math:`Q_i = J_i(\tilde H - J_i^\top A_iJ_i)^{-1}J_i^\top` is positive semi-definite and
+  bounded by :math:`J_i((n-m)\tilde F + n\Lambda)^{-1}J_i^\top`: no point can blow up or turn
+  negative because of the approximation (the cavity / TAP leave-one-out of Opper & Winther,
+  2000, on top of an approximate curvature). The estimate is the mean over S, with a standard
+  error over points; memory is that of an m(K−1) kernel, flat in n;
+* ``'kfac'`` — :math:`P_i` from the Kronecker factors' eigenbases, one sample at a time, any n.
+  Its failure mode: KFAC spreads each point's own curvature over the layer, so on wide or
+  memorizing nets :math:`A_iP_i` reaches eigenvalues ≥ 1 for many points (invalid steps, counted
+  in the diagnostics and warned about);
+* ``'subsample'`` — ``n_points`` random points, :math:`P_i` from conjugate gradients (K
+  right-hand sides per point) against the full-data Fisher, with a standard error over points;
+* ``'auto'`` — ``'exact'`` while its memory (an n(K−1) kernel) stays below
+  ``softrank.memory.LOO_AUTO_EXACT_BYTES``, ``'cavity'`` above.
+
+A non-scalar Λ enters KFAC and EKFAC through its diagonal in their eigenbasis (exact when Λ is
+constant on each layer); ``'exact'`` and ``'subsample'`` use it exactly.
+
+References
+----------
+Opper, M. & Winther, O. (2000). Gaussian processes for classification: mean-field algorithms.
+*Neural Computation* 12(11). — Rad, K. R. & Maleki, A. (2020). A scalable estimate of the
+out-of-sample prediction error via approximate leave-one-out cross-validation. *JRSS B* 82(4).
+— George, T., Laurent, C., Bouthillier, X., Ballas, N. & Vincent, P. (2018). Fast approximate
+natural gradient descent in a Kronecker-factored eigenbasis. *NeurIPS*.
 """
 from __future__ import annotations
 
@@ -33,15 +60,21 @@ import numpy as np
 import torch
 from sklearn.utils import check_random_state
 
-from .curvature import GramCurvature, KroneckerCurvature, per_sample_jacobians
+from . import memory
+from .curvature import KroneckerCurvature, per_sample_jacobians
+from .curvature.base import Curvature
 from .curvature.kronecker import KroneckerSums, require_kfac_capable
 from .curvature.matfree import GGNOperator
 from .layers import LayerBatch
-from .regularization import as_lam
+from .regularization import Lam, as_lam
 
 __all__ = ["LOOResult", "approx_loo", "LOO_METHODS"]
 
-LOO_METHODS = ("exact", "kfac", "subsample")
+LOO_METHODS = ("auto", "exact", "cavity", "kfac", "subsample")
+#: kernel elements per chunk of the general (rotated, per-element weighted) layer kernel
+_CHUNK_ELEMENTS = 1 << 23
+#: how method='cavity' treats the points outside its subset (see _cavity_blocks)
+_CAVITY_REST = "ekfac"
 
 
 @dataclass(frozen=True)
@@ -64,41 +97,113 @@ class LOOResult:
     diagnostics: dict = field(default_factory=dict)
 
 
-def _exact_blocks(md, L):
-    """(m, K, K) blocks J_i (F+Λ)⁻¹ J_iᵀ for all curvature samples, by Woodbury on the NTK."""
-    w = tuple(1.0 / v for v in L.tensor_values("ApproxLOO(method='exact')"))
-    ntk = GramCurvature(md, "ntk", "jacobian")
-    theta = ntk.kernel(w)  # Θ/m, rows (i, k)
-    m, K = md.n, ntk.V
-    Bs = torch.cat([md.family.factor(b.z, b.y) for b in md.batches(None)])  # (m, K, K')
-    Kp = Bs.shape[2]
-    idx = torch.arange(m)
-    diag_theta = theta.view(m, K, m, K)[idx, :, idx, :].clone()  # (m, K, K)
-    M1 = torch.einsum("ikc,ikx->icx", Bs, theta.view(m, K, m * K)).reshape(m * Kp, m * K)
-    ntk._kernels.clear()
-    del theta
-    inner = torch.einsum("xjl,jld->xjd", M1.view(m * Kp, m, K), Bs).reshape(m * Kp, m * Kp)
-    inner.diagonal().add_(1.0)
-    chol, info = torch.linalg.cholesky_ex(inner)
-    del inner
-    if info != 0:
-        raise RuntimeError("Cholesky of I + BᵀΘB failed (non-finite outputs?)")
-    W = torch.linalg.solve_triangular(chol, M1, upper=False).view(m * Kp, m, K)
-    del M1, chol
-    corr = torch.einsum("xik,xil->ikl", W, W)
-    return m * (diag_theta - corr)
+# -- D^{-1} per layer, in a basis -------------------------------------------------------------
+@dataclass(frozen=True)
+class _Weights:
+    r""":math:`D^{-1}` block diagonal over layers: per rule the elementwise weights ``W`` of the
+    per-sample gradients in the basis ``(UG, UA)`` (None: the parameters themselves);
+    ``W`` is (d_out, d_in~) for Linear/Conv2d rules (joint [W | b] block), (numel,) otherwise.
+    ``per_tensor``: the values when ``W`` is constant on each parameter tensor and unrotated
+    (the layer rules' own kernels apply)."""
+
+    W: list
+    UA: list | None = None
+    UG: list | None = None
+    per_tensor: tuple | None = None
 
 
-#: bytes of layer records (Jacobian output gradients and layer inputs, kept in the layers' own
-#: dtype) that ``method='kfac'`` holds from its factor pass for its block pass; batches beyond
-#: it are recomputed (one more forward and K backward vectors each), so memory stays bounded
-KFAC_CACHE_BYTES = 512 * 2 ** 20
+def _lam_blocks(rules, L: Lam) -> list:
+    """Λ per rule: (d_out, d_in~) for Kronecker rules, flat otherwise."""
+    out, i = [], 0
+    for r in rules:
+        v = L.vector[i:i + r.numel]
+        out.append(r.from_flat(v) if r.kfac_capable else v)
+        i += r.numel
+    return out
 
 
-def _lossless(t, dtype):
-    """``dtype`` when ``t`` converts to it and back exactly (records are float64 copies of
-    tensors in the layer's dtype), else ``t.dtype``."""
-    return dtype if torch.equal(t.to(dtype).to(t.dtype), t) else t.dtype
+def _lam_weights(rules, L: Lam, scale: float) -> _Weights:
+    """:math:`D = \\text{scale}\\cdot\\Lambda`."""
+    W = [1.0 / (scale * b) for b in _lam_blocks(rules, L)]
+    pt = None if L.per_tensor is None else tuple(1.0 / (scale * v) for v in L.per_tensor)
+    return _Weights(W, per_tensor=pt)
+
+
+def _eigenbasis_weights(F: KroneckerCurvature, L: Lam, rest: float, scale: float) -> _Weights:
+    r""":math:`D = \text{rest}\cdot\tilde F + \text{scale}\cdot\Lambda` in the Kronecker
+    eigenbasis of ``F``, with Λ replaced by its diagonal there,
+    :math:`(U_G^{\circ 2})^\top\Lambda_l\,U_A^{\circ 2}` (exact when Λ is constant on the layer)."""
+    W = []
+    for lam_l, UA, UG, E in zip(_lam_blocks(F.rules, L), F.UA, F.UG, F.E):
+        lam_rot = (UG ** 2).T @ lam_l @ (UA ** 2)
+        W.append(1.0 / (rest * E + scale * lam_rot))
+    return _Weights(W, list(F.UA), list(F.UG))
+
+
+# -- kernels J_a D^{-1} J_bᵀ, layer by layer --------------------------------------------------
+def _coords(r, lb, w: _Weights, k: int):
+    """(x, y) with per-sample gradient rows Σ x yᵀ (T = 1: x (V, N, d_out), y (N, d_in~)), or
+    (rotated per-sample matrices (V, N, d_out, d_in~), None)."""
+    if w.UA is not None:
+        return r.eigen_coords(lb, w.UA[k].to(lb.g.device), w.UG[k].to(lb.g.device))
+    if lb.a.shape[1] == 1:
+        return lb.g[:, :, 0], r.kfac_rows(lb)[0]
+    return r.per_sample_matrices(lb), None
+
+
+def _layer_kernel(r, lb1, lb2, w: _Weights, k: int) -> torch.Tensor:
+    """(N1, V1, N2, V2) block of Θ for one layer."""
+    W = w.W[k].to(lb1.g.device)
+    if not r.kfac_capable:
+        s1, s2 = r.per_sample_grads(lb1) * W, r.per_sample_grads(lb2)
+        return torch.einsum("vnq,wmq->nvmw", s1, s2)
+    x1, y1 = _coords(r, lb1, w, k)
+    x2, y2 = _coords(r, lb2, w, k)
+    if y1 is None:
+        return torch.einsum("vnq,wmq->nvmw", (x1 * W).flatten(2), x2.flatten(2))
+    (V1, N1, o), (N2, d) = x1.shape, y2.shape
+    out = torch.empty(N1, V1, N2, x2.shape[0], dtype=torch.float64, device=x1.device)
+    step = max(1, _CHUNK_ELEMENTS // (N2 * (d + V1 * o)))
+    for s in range(0, N1, step):  # Σ_o x1_o x2_o Σ_k W_ok y1_k y2_k, per pair of samples
+        U = (y1[s:s + step, None, :] * y2[None]) @ W.T  # (c, N2, d_out)
+        out[s:s + step] = torch.einsum("vijo,wjo->ivjw", x1[:, s:s + step, None, :] * U[None], x2)
+    return out
+
+
+def _kernel(rules, f1, f2, w: _Weights) -> torch.Tensor:
+    """(N1·V1, N2·V2) kernel between two batches of layer records, rows sample-major."""
+    blk = None
+    if w.per_tensor is not None:
+        i = 0
+        for r, a, b in zip(rules, f1, f2):
+            t = r.kernel(a, b, w.per_tensor[i:i + len(r.param_names)])
+            blk = t if blk is None else blk.add_(t)
+            i += len(r.param_names)
+    else:
+        for k, (r, a, b) in enumerate(zip(rules, f1, f2)):
+            t = _layer_kernel(r, a, b, w, k)
+            blk = t if blk is None else blk.add_(t)
+    N1, V1, N2, V2 = blk.shape
+    return blk.reshape(N1 * V1, N2 * V2)
+
+
+def _own_blocks(rules, layers, w: _Weights) -> torch.Tensor:
+    r"""(N, V, V) own blocks :math:`G_i D^{-1} G_i^\top` of the rows recorded in ``layers``."""
+    out = 0.0
+    for k, (r, lb) in enumerate(zip(rules, layers)):
+        W = w.W[k].to(lb.g.device)
+        if not r.kfac_capable:
+            s = r.per_sample_grads(lb)
+            out = out + torch.einsum("vnq,wnq->nvw", s * W, s)
+            continue
+        x, y = _coords(r, lb, w, k)
+        if y is None:
+            s = x.flatten(2)
+            out = out + torch.einsum("vnq,wnq->nvw", s * W.flatten(), s)
+        else:
+            xw = x * ((y ** 2) @ W.T)
+            out = out + torch.bmm(xw.transpose(0, 1), x.permute(1, 2, 0))
+    return out
 
 
 def _fisher_grads(g, B):
@@ -110,6 +215,144 @@ def _fisher_grads(g, B):
     return torch.bmm(B.transpose(1, 2), gj).view(N, -1, T, d)
 
 
+def _cholesky_of_gram(rules, fis, w: _Weights) -> torch.Tensor:
+    r"""Lower Cholesky factor of :math:`I + \tilde B^\top\Theta\tilde B` over the Fisher-row
+    records ``fis`` (batches), factored in place: one m·K' square in memory."""
+    sizes = [f[0].g.shape[0] * f[0].g.shape[1] for f in fis]
+    offs = np.concatenate([[0], np.cumsum(sizes)])
+    dev = fis[0][0].g.device
+    G = torch.empty(int(offs[-1]), int(offs[-1]), dtype=torch.float64, device=dev)
+    for i, fi in enumerate(fis):
+        for j in range(i, len(fis)):
+            blk = _kernel(rules, fi, fis[j], w)
+            G[offs[i]:offs[i + 1], offs[j]:offs[j + 1]] = blk
+            if j != i:
+                G[offs[j]:offs[j + 1], offs[i]:offs[i + 1]] = blk.T
+    G.diagonal().add_(1.0)
+    info = torch.empty((), dtype=torch.int32, device=dev)
+    torch.linalg.cholesky_ex(G, out=(G, info))
+    if info != 0:
+        raise RuntimeError("Cholesky of I + BᵀΘB failed (non-finite outputs?)")
+    return G
+
+
+def _woodbury_blocks(md, w: _Weights, indices, weight: float = 1.0):
+    r"""(m, K, K) blocks :math:`P_i = J_i\tilde H^{-1}J_i^\top` for the points ``indices`` (S),
+    :math:`\tilde H = c\sum_{j\in S}J_j^\top A_jJ_j + D` (c = ``weight``), with the z and y of
+    those points. Woodbury on the Fisher rows :math:`\tilde B_j^\top J_j`,
+    :math:`\tilde B = \sqrt c\,B`: one Cholesky of :math:`I + \tilde B^\top\Theta\tilde B`
+    (size m(K−1) for softmax) and, per batch of points,
+    :math:`P_i = \Theta_{ii} - X_i(I+\tilde B^\top\Theta\tilde B)^{-1}X_i^\top`,
+    :math:`X_i = \Theta_{iS}\tilde B`. Memory: the m(K−1) square and one batch of rows."""
+    rules = md.rules
+    jac, fis, zs, ys = [], [], [], []
+    for b in md.batches("jacobian", indices=torch.as_tensor(indices)):
+        B = md.family.factor(b.z, b.y) * weight ** 0.5  # (N, K, K')
+        jac.append(b.layers)
+        fis.append([LayerBatch(lb.a, _fisher_grads(lb.g, B).transpose(0, 1)) for lb in b.layers])
+        zs.append(b.z.cpu())
+        ys.append(b.y.cpu())
+    G = _cholesky_of_gram(rules, fis, w)
+    blocks = []
+    for f in jac:
+        X = torch.cat([_kernel(rules, f, fj, w) for fj in fis], 1)  # (N·K, m·K')
+        N, K = f[0].g.shape[1], f[0].g.shape[0]
+        Wt = torch.linalg.solve_triangular(G, X.T, upper=False).view(-1, N, K)
+        del X
+        blocks.append((_own_blocks(rules, f, w) - torch.einsum("xik,xil->ikl", Wt, Wt)).cpu())
+    return torch.cat(blocks), torch.cat(zs), torch.cat(ys)
+
+
+def _inverse_diagonal_blocks(L: torch.Tensor, k: int, leaf: int = 1024) -> torch.Tensor:
+    r"""(N/k, k, k) diagonal k×k blocks of :math:`(LL^\top)^{-1}` for lower-triangular L.
+    With :math:`L = [[A, 0], [B, C]]`, :math:`L^{-1} = [[A^{-1}, 0], [-C^{-1}BA^{-1}, C^{-1}]]`:
+    two triangular solves per level (about N³/3 flops) and no N×N inverse in memory."""
+    N = L.shape[0]
+    if N <= leaf:
+        V = torch.linalg.solve_triangular(
+            L, torch.eye(N, dtype=L.dtype, device=L.device), upper=False).view(N, N // k, k)
+        return torch.einsum("xbi,xbj->bij", V, V)
+    h = (N // k // 2) * k
+    A, B, C = L[:h, :h], L[h:, :h], L[h:, h:]
+    Z = torch.linalg.solve_triangular(A, torch.linalg.solve_triangular(C, B, upper=False),
+                                      upper=False, left=False).view(N - h, h // k, k)
+    top = _inverse_diagonal_blocks(A, k, leaf).add_(torch.einsum("xbi,xbj->bij", Z, Z))
+    del Z
+    return torch.cat([top, _inverse_diagonal_blocks(C, k, leaf)])
+
+
+def _woodbury_fisher_blocks(md, w: _Weights, indices, weight: float = 1.0):
+    r"""(m, K', K') blocks :math:`M_i = B_i^\top P_i B_i` for the points S = ``indices``, with
+    :math:`P_i = J_i\tilde H^{-1}J_i^\top`, :math:`\tilde H = c\sum_{j\in S}J_j^\top A_jJ_j + D`
+    (c = ``weight``), plus z and y. With :math:`G = c\,B^\top\Theta B` on the Fisher rows only,
+    :math:`c\,M_i = [G(I+G)^{-1}]_{ii} = I - [(I+G)^{-1}]_{ii}`: one Cholesky of size m·K'
+    (in place) and the diagonal blocks of its inverse. Enough for the step whenever
+    :math:`r_i` lies in the range of :math:`B_i` (checked by the caller)."""
+    rules = md.rules
+    fis, zs, ys = [], [], []
+    for b in md.batches("fisher", indices=torch.as_tensor(indices)):
+        fis.append([LayerBatch(lb.a, lb.g * weight ** 0.5) for lb in b.layers])
+        zs.append(b.z.cpu())
+        ys.append(b.y.cpu())
+    Kp = fis[0][0].g.shape[0]
+    G = _cholesky_of_gram(rules, fis, w)
+    del fis
+    inv = _inverse_diagonal_blocks(G, Kp).cpu()
+    del G
+    eye = torch.eye(Kp, dtype=torch.float64)
+    return (eye - inv) / weight, torch.cat(zs), torch.cat(ys)
+
+
+def _in_range(B, r) -> bool:
+    """Whether every r_i lies in the range of B_i (then only B_iᵀP_iB_i matters)."""
+    s = torch.linalg.lstsq(B, r.unsqueeze(2)).solution
+    res = (B @ s).squeeze(2) - r
+    return bool((res.norm(dim=1) <= 1e-9 * r.norm(dim=1).clamp_min(1e-300)).all())
+
+
+# -- methods ------------------------------------------------------------------------------------
+def _outputs(md, indices):
+    out = list(md.batches(None, indices=torch.as_tensor(indices)))
+    return torch.cat([b.z for b in out]).cpu(), torch.cat([b.y for b in out]).cpu()
+
+
+def _woodbury(md, w, indices, weight, fisher_space):
+    if fisher_space:
+        return _woodbury_fisher_blocks(md, w, indices, weight)
+    return _woodbury_blocks(md, w, indices, weight)
+
+
+def _exact_blocks(md, L, fisher_space):
+    """P_i = J_i (n(F+Λ))⁻¹ J_iᵀ (or B_iᵀP_iB_i) for all curvature samples, F their mean
+    Fisher."""
+    n = md.n_train
+    return _woodbury(md, _lam_weights(md.rules, L, n), np.arange(md.n), n / md.n, fisher_space)
+
+
+def _cavity_blocks(md, L, indices, fisher_space, rest="ekfac"):
+    r""":math:`\tilde P_i` (or :math:`B_i^\top\tilde P_iB_i`) of the ``'cavity'`` method for
+    i ∈ S = ``indices``, and the weight c of each point's own term in :math:`\tilde H`.
+    ``rest='ekfac'``: the points of S once, the other n − m through EKFAC (c = 1);
+    ``rest='rescale'``: the points of S weighted c = (n − 1)/(m − 1), so that the cavity
+    :math:`c\sum_{j\in S, j\ne i}J_j^\top A_jJ_j + n\Lambda` is unbiased for the Hessian
+    without point i."""
+    n, m = md.n_train, len(indices)
+    if m >= n:  # no other points: D = nΛ, exactly
+        return (*_woodbury(md, _lam_weights(md.rules, L, n), indices, 1.0, fisher_space), 1.0)
+    if rest == "rescale":
+        c = (n - 1) / (m - 1)
+        return (*_woodbury(md, _lam_weights(md.rules, L, n), indices, c, fisher_space), c)
+    require_kfac_capable(md.rules, "ApproxLOO(method='cavity')")
+    F = KroneckerCurvature(md, "fisher", "fisher", ekfac=True)
+    return (*_woodbury(md, _eigenbasis_weights(F, L, n - m, n), indices, 1.0, fisher_space), 1.0)
+
+
+def _lossless(t, dtype):
+    """``dtype`` when ``t`` converts to it and back exactly (records are float64 copies of
+    tensors in the layer's dtype), else ``t.dtype``."""
+    return dtype if torch.equal(t.to(dtype).to(t.dtype), t) else t.dtype
+
+
 def _kfac_blocks(md, L):
     r"""(m, K, K) blocks :math:`J_i (F_{\mathrm{KFAC}}+\Lambda)^{-1} J_i^\top`, plus the
     outputs z and targets y, from one backward pass of the K unit vectors per sample.
@@ -118,12 +361,14 @@ def _kfac_blocks(md, L):
     vectors (columns of :math:`B_i`) are :math:`\sum_k B_i[k, c]\, g^{(k)}`, combinations of
     the Jacobian ones :math:`g^{(k)}`: the same pass gives the Kronecker factors (as
     ``KroneckerCurvature(md, 'fisher', 'fisher')``) and, once they are eigendecomposed, the
-    blocks, from records kept up to :data:`KFAC_CACHE_BYTES` (the rest is recomputed)."""
+    blocks, from records kept up to ``softrank.memory.KFAC_CACHE_BYTES`` (the rest is
+    recomputed)."""
     rules = md.rules
     require_kfac_capable(rules)
     dtypes = None  # storage dtype of (inputs, output gradients) per layer, from the first batch
     sums = KroneckerSums(rules)
     cache, zs, ys, used, caching = [], [], [], 0, True
+    limit = memory.KFAC_CACHE_BYTES
     for b in md.batches("jacobian"):
         zs.append(b.z.cpu())
         ys.append(b.y.cpu())
@@ -135,16 +380,17 @@ def _kfac_blocks(md, L):
                           zip(b.layers, (next(r.module.parameters()).dtype for r in rules))]
             rec = [(lb.a.to(da), lb.g.to(dg)) for lb, (da, dg) in zip(b.layers, dtypes)]
             size = sum(t.numel() * t.element_size() for pair in rec for t in pair)
-            if used + size <= KFAC_CACHE_BYTES:
+            if used + size <= limit:
                 cache.append(rec)
                 used += size
             else:
                 caching = False
         del b
     F = KroneckerCurvature.from_factors(md, *sums.factors(md.n))
+    w = _eigenbasis_weights(F, L, 1.0, 1.0)
 
     def blocks(layers):
-        return F.output_blocks(layers, L).cpu()
+        return _own_blocks(rules, layers, w).cpu()
 
     out = [blocks([LayerBatch(a.double(), g.double()) for a, g in rec]) for rec in cache]
     done = len(cache) * md.batch_size
@@ -152,6 +398,20 @@ def _kfac_blocks(md, L):
         out += [blocks(b.layers) for b in md.batches("jacobian",
                                                      indices=torch.arange(done, md.n))]
     return torch.cat(out), torch.cat(zs), torch.cat(ys)
+
+
+class _EigenbasisPreconditioner(Curvature):
+    """Solves with fixed weights in the Kronecker eigenbasis (KFAC + Λ's diagonal there)."""
+
+    approximation = "kfac"
+
+    def __init__(self, md, L):
+        super().__init__(md.param_names, md.sizes, md.n)
+        self.F = KroneckerCurvature(md)
+        self.w = _eigenbasis_weights(self.F, L, 1.0, 1.0)
+
+    def solve(self, v, lam):
+        return self.F._apply(v, lambda k: self.w.W[k])
 
 
 def _cg_blocks(md, L, indices, tol, maxiter, preconditioner):
@@ -167,43 +427,52 @@ def _cg_blocks(md, L, indices, tol, maxiter, preconditioner):
                     "max_relative_residual": float(cg.relative_residual.max())}
 
 
-def approx_loo(md, lam, method: str = "exact", *, n_points: int | None = None,
+def _points(md, n_points, default, random_state):
+    m = min(default, md.n) if n_points is None else int(n_points)
+    if not 1 <= m <= md.n:
+        raise ValueError(f"n_points must be in 1..{md.n}; got {n_points}")
+    return np.sort(check_random_state(random_state).choice(md.n, m, replace=False))
+
+
+def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
                random_state=None, tol: float = 1e-8, maxiter: int = 500,
                preconditioner: str | None = "kfac", memory_budget=None) -> LOOResult:
     r"""Approximate leave-one-out estimate of the test loss of ``md``'s network.
 
-    One Newton step of the objective without each point, in output space (see
-    :class:`softrank.ApproxLOO`, which wraps this function for a skorch net).
-
     Parameters
     ----------
     md : ModelData
-        The training data (curvature samples); ``md.n_train`` is n of the objective.
-    lam : float, dict or torch.Tensor
-        Λ, the weight decay of the objective.
-    method : {'exact', 'kfac', 'subsample'}, default='exact'
-        'exact': empirical NTK and one Cholesky factorization of size nK; 'kfac': Kronecker
-        factors; 'subsample': ``n_points`` random points, conjugate gradients against the
-        full-data Fisher (KFAC-preconditioned unless ``preconditioner=None`` or a
-        measured layer has no Kronecker factorization).
-    n_points : int or None, default=None
-        Points for 'subsample' (None: all).
-    random_state : int or None, default=None
-        Seeds the points of 'subsample'.
-    tol, maxiter : float, int, default=1e-8, 500
-        Conjugate-gradient tolerance (relative residual) and iteration limit.
-    preconditioner : {'kfac', None}, default='kfac'
-        Preconditioner of the conjugate gradients.
-    memory_budget : int, str or None, default=None
-        Refuse with a MemoryError, before any data pass, when
+        The training data (curvature samples) and the network; ``md.n_train`` is n of the
+        objective :math:`\sum_i\ell_i + \frac n2\theta^\top\Lambda\theta`.
+    lam : float, dict {parameter name: float} or tensor of shape (p,)
+        Λ > 0: scalar, per parameter tensor, or its full diagonal.
+    method : {'auto', 'exact', 'cavity', 'kfac', 'subsample'}
+        See the module docstring. 'auto' (default): 'exact' while its memory stays below
+        ``softrank.memory.LOO_AUTO_EXACT_BYTES``, else 'cavity'.
+    n_points : int or None
+        Points of 'cavity' (default ``softrank.memory.LOO_CAVITY_POINTS``, at most n) and
+        'subsample' (default all).
+    random_state : int, RandomState or None
+        Seeds the choice of points ('cavity', 'subsample').
+    tol, maxiter, preconditioner
+        Conjugate gradients of 'subsample' (relative residual, iteration cap, 'kfac' or None).
+    memory_budget : int, str or None
+        Refuse with a :class:`MemoryError`, before any data pass, when
         :func:`softrank.memory.estimate_loo_memory` says the method needs more.
 
     Returns
     -------
     LOOResult
-        ``estimated_test_loss``, ``train_loss``, ``gap`` (loss units), ``stderr``
-        ('subsample'), per-point ``loo_losses``, ``soft_rank``, ``first_order_gap`` (the TIC
-        term) and ``diagnostics``.
+        ``gap`` and ``estimated_test_loss`` in loss units; ``stderr`` (a standard error over
+        the sampled points for 'cavity' and 'subsample'; None where every point is used; NaN
+        when conjugate gradients did not converge, since then it would not cover the solver's
+        error); ``diagnostics`` with ``invalid_points`` (points with max eig :math:`A_iP_i \ge
+        1`, whose step is meaningless) and ``max_point_leverage``.
+
+    Warns
+    -----
+    RuntimeWarning
+        When some points' steps are invalid, or conjugate gradients did not converge.
 
     Raises
     ------
@@ -221,59 +490,72 @@ def approx_loo(md, lam, method: str = "exact", *, n_points: int | None = None,
     --------
     >>> import torch
     >>> from torch import nn
-    >>> from softrank import ModelData
+    >>> from softrank import ModelData, approx_loo
     >>> _ = torch.manual_seed(0)
-    >>> X, y = torch.randn(100, 5), torch.randint(0, 3, (100,))
-    >>> md = ModelData(nn.Linear(5, 3), nn.CrossEntropyLoss(), X, y)
-    >>> from softrank import approx_loo
-    >>> res = approx_loo(md, 1e-2, "exact")
-    >>> res.loo_losses.shape, bool(res.estimated_test_loss > res.train_loss)
-    ((100,), True)
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    >>> X, y = torch.randn(40, 4), torch.randint(0, 3, (40,))
+    >>> md = ModelData(net, nn.CrossEntropyLoss(), X, y)
+    >>> exact = approx_loo(md, 0.1, "exact")
+    >>> cavity = approx_loo(md, 0.1, "cavity", n_points=40)  # every point kept: exact
+    >>> abs(cavity.gap - exact.gap) < 1e-8 * abs(exact.gap)
+    True
     """
     md.require_labels("ApproxLOO")
     if method not in LOO_METHODS:
         raise ValueError(f"method must be one of {LOO_METHODS}; got {method!r}")
-    if memory_budget is not None:
-        from .memory import check_loo_memory
-        check_loo_memory(md, method, memory_budget, n_points=n_points,
-                         preconditioner=preconditioner)
+    method = memory.resolve_loo_method(md, method)
     L = as_lam(lam, md.param_names, md.sizes)
-    n = md.n_train
-    diagnostics: dict = {"method": method}
-    if method == "subsample":
-        m_pts = md.n if n_points is None else int(n_points)
-        if not 1 <= m_pts <= md.n:
-            raise ValueError(f"n_points must be in 1..{md.n}; got {n_points}")
-        rng = check_random_state(random_state)
-        indices = np.sort(rng.choice(md.n, m_pts, replace=False))
-        kfac = preconditioner == "kfac" and all(r.kfac_capable for r in md.rules)
-        prec = KroneckerCurvature(md) if kfac else None  # no KFAC for the layers: plain CG
-        blocks, cg_diag = _cg_blocks(md, L, torch.as_tensor(indices), tol, maxiter, prec)
-        diagnostics.update(cg_diag)
+    if method in ("cavity", "subsample"):
+        default = memory.LOO_CAVITY_POINTS if method == "cavity" else md.n
+        indices = _points(md, n_points, default, random_state)
     else:
         indices = np.arange(md.n)
-        if method == "kfac":
-            blocks, z, y = _kfac_blocks(md, L)
-        else:
-            blocks = _exact_blocks(md, L)
-    P = blocks / n
-    if method != "kfac":
-        out = [b for b in md.batches(None, indices=torch.as_tensor(indices))]
-        z = torch.cat([b.z for b in out])
-        y = torch.cat([b.y for b in out])
+    if memory_budget is not None:
+        memory.check_loo_memory(md, method, memory_budget, n_points=len(indices),
+                                preconditioner=preconditioner)
+    n = md.n_train
+    diagnostics: dict = {"method": method}
     fam = md.family
-    Bf = fam.factor(z, y)
-    A = Bf @ Bf.transpose(1, 2)
+    fisher_space, own_weight = False, 1.0
+    if method == "subsample":
+        kfac = preconditioner == "kfac" and all(r.kfac_capable for r in md.rules)
+        prec = _EigenbasisPreconditioner(md, L) if kfac else None  # no KFAC for the layers: plain CG
+        blocks, cg_diag = _cg_blocks(md, L, torch.as_tensor(indices), tol, maxiter, prec)
+        diagnostics.update(cg_diag)
+        P = blocks / n
+        z, y = _outputs(md, indices)
+    elif method == "kfac":
+        blocks, z, y = _kfac_blocks(md, L)
+        P = blocks / n
+    else:
+        z, y = _outputs(md, indices)
+        fisher_space = _in_range(fam.factor(z, y), fam.residual(z, y))
+        if method == "exact":
+            P, z, y = _exact_blocks(md, L, fisher_space)
+        else:
+            P, z, y, own_weight = _cavity_blocks(md, L, indices, fisher_space, _CAVITY_REST)
+    Bf = fam.factor(z, y)  # (m, K, K')
     r = fam.residual(z, y)
-    eye = torch.eye(z.shape[1], dtype=torch.float64)
-    step = torch.linalg.solve(eye - A @ P, r.unsqueeze(2))
-    z_loo = z + (P @ step).squeeze(2)
+    if fisher_space:  # P holds M_i = B_iᵀP_iB_i; r_i = B_i s_i
+        M = P
+        BtB = Bf.transpose(1, 2) @ Bf
+        s = torch.linalg.solve(BtB, (Bf.transpose(1, 2) @ r.unsqueeze(2)))
+        t = torch.linalg.solve(torch.eye(M.shape[1], dtype=torch.float64) - own_weight * M, s)
+        shift = (Bf @ torch.linalg.solve(BtB, M @ t)).squeeze(2)  # the step in range(B_i)
+        first = (s.transpose(1, 2) @ M @ s).reshape(-1)
+    else:
+        M = Bf.transpose(1, 2) @ P @ Bf
+        eye = torch.eye(z.shape[1], dtype=torch.float64)
+        A = Bf @ Bf.transpose(1, 2)
+        shift = (P @ torch.linalg.solve(eye - own_weight * A @ P, r.unsqueeze(2))).squeeze(2)
+        first = torch.einsum("ik,ikl,il->i", r, P, r)
+    z_loo = z + shift
     loo = fam.loss(z_loo, y).numpy()
     own = fam.loss(z, y).numpy()
-    # spectrum of A_i P_i (= that of B_iᵀ P_i B_i): in [0, 1) for the exact P_i; a value ≥ 1
-    # means the approximate curvature does not dominate the point's own term, and the
-    # leave-one-out Newton step for that point is meaningless
-    leverage = torch.linalg.eigvalsh(Bf.transpose(1, 2) @ P @ Bf).max(1).values
+    # spectrum of A_i P_i (= that of B_iᵀ P_i B_i): in [0, 1) for the exact P_i and by
+    # construction for 'cavity'; a value ≥ 1 means the approximate curvature does not dominate
+    # the point's own term, and the leave-one-out Newton step for that point is meaningless
+    leverage = own_weight * torch.linalg.eigvalsh(M).max(1).values
     invalid = int((leverage >= 1).sum())
     diagnostics.update(max_point_leverage=float(leverage.max()), invalid_points=invalid)
     if invalid:
@@ -281,17 +563,28 @@ def approx_loo(md, lam, method: str = "exact", *, n_points: int | None = None,
             f"ApproxLOO(method={method!r}): for {invalid} of {len(leverage)} points the "
             f"approximate curvature does not dominate the point's own term (max eigenvalue of "
             f"A_i P_i = {float(leverage.max()):.3g} ≥ 1), so their leave-one-out step is "
-            "invalid and the estimate is unreliable; use method='exact' or 'subsample'",
+            "invalid and the estimate is unreliable; use method='exact' or 'cavity'",
             RuntimeWarning, stacklevel=2)
-    rank_terms = torch.einsum("ikl,ilk->i", A, P)
-    first = torch.einsum("ik,ikl,il->i", r, P, r)
-    if method == "subsample":
+    rank_terms = M.diagonal(dim1=1, dim2=2).sum(1)
+    if method in ("subsample", "cavity"):
         diffs = loo - own
         train_loss = float(torch.cat([fam.loss(b.z, b.y) for b in md.batches(None)]).mean())
         gap = float(diffs.mean())
         stderr = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
+        if method == "cavity" and len(indices) == md.n:
+            stderr = None  # every point: nothing sampled
     else:
         train_loss, gap, stderr = float(own.mean()), float(loo.mean() - own.mean()), None
+    if method == "subsample" and not diagnostics["converged"]:
+        diagnostics["sampling_stderr"] = stderr
+        stderr = float("nan")
+        warnings.warn(
+            f"ApproxLOO(method='subsample'): conjugate gradients did not converge (largest "
+            f"relative residual {diagnostics['max_relative_residual']:.3g} after "
+            f"{diagnostics['cg_iterations']} iterations, tol={tol:g}), so P_i and the estimate "
+            "carry an unknown solver error and stderr is NaN (the standard error over points "
+            "alone is diagnostics['sampling_stderr']); raise maxiter or use method='cavity'",
+            RuntimeWarning, stacklevel=2)
     return LOOResult(
         estimated_test_loss=train_loss + gap, train_loss=train_loss, gap=gap, stderr=stderr,
         loo_losses=loo, point_losses=own, loo_outputs=z_loo.numpy(), indices=indices,

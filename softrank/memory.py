@@ -24,14 +24,18 @@ matrix_free     Lanczos basis :math:`8\,\text{steps}\cdot p\cdot m` + :math:`6\c
 ==============  ==================================================================  ==========
 
 ApproxLOO (:func:`estimate_loo_memory`; m points, K' ≤ K columns of the loss factor
-:math:`B_i`, :math:`c` = ``loo.KFAC_CACHE_BYTES``):
+:math:`B_i` (K − 1 for softmax), :math:`c` = :data:`KFAC_CACHE_BYTES`):
 
 ==============  ==================================================================  ==========
 method          main terms                                                          grows with
 ==============  ==================================================================  ==========
-exact           :math:`8(nK)^2` (NTK kernel Θ) + :math:`8(nK')^2` (Cholesky of       n², n
-                I + BᵀΘB) + :math:`8\,nK'\cdot nK` (Woodbury products BᵀΘ, solve)
-                + the recorded layer inputs / Jacobian output gradients of all n
+exact           :math:`1.5\cdot 8(nK')^2` (the Cholesky of I + BᵀΘB, factored in       n², n
+                place, and the temporaries of the diagonal blocks of its inverse) +
+                :math:`2\cdot 8BK\cdot nK'` (one batch of kernel rows and their
+                solve) + the recorded layer inputs / Jacobian and Fisher output
+                gradients of all n
+cavity          as exact with m points instead of n (default                        m², layers
+                :data:`LOO_CAVITY_POINTS`), + the EKFAC factors and eigenbases
 kfac            Kronecker factors (as kfac) + cached layer records                  layers, n
                 :math:`\min(c, n\sum_l T_l(\tilde d_l + Kd_l)s)` + one batch of
                 records + the per-point blocks
@@ -42,6 +46,8 @@ subsample       per-sample Jacobians :math:`mKp(8+s)` + CG vectors              
 
 Every method also holds the per-point :math:`K\times K` blocks (P, A, AP and their
 temporaries, :math:`8\cdot 8nK^2`), linear in n: ``kfac`` grows beyond its cache only by them.
+``method='auto'`` is ``'exact'`` while that estimate stays below :data:`LOO_AUTO_EXACT_BYTES`,
+``'cavity'`` above (:func:`resolve_loo_method`).
 
 "one batch of layer records" is :math:`8B\sum_l T_l(\tilde d_l + V d_l)` plus the autograd
 graph :math:`2Bas(1+V)`; none of kfac, diagonal or matrix_free depends on n (they stream).
@@ -69,10 +75,18 @@ from .model import call_module
 
 __all__ = ["MemoryEstimate", "estimate_memory", "check_memory", "parse_bytes",
            "estimate_loo_memory", "check_loo_memory", "available_memory",
-           "MEMORY_APPROXIMATIONS", "LOO_MEMORY_METHODS"]
+           "MEMORY_APPROXIMATIONS", "LOO_MEMORY_METHODS", "resolve_loo_method", "KFAC_CACHE_BYTES", "LOO_CAVITY_POINTS", "LOO_AUTO_EXACT_BYTES"]
 
 MEMORY_APPROXIMATIONS = ("dense", "gram", "diagonal", "kfac", "ekfac", "matrix_free")
-LOO_MEMORY_METHODS = ("exact", "kfac", "subsample")
+LOO_MEMORY_METHODS = ("exact", "cavity", "kfac", "subsample")
+#: bytes of layer records (Jacobian output gradients and layer inputs, kept in the layers' own
+#: dtype) that ApproxLOO ``method='kfac'`` holds from its factor pass for its block pass; batches
+#: beyond it are recomputed (one more forward and K backward vectors each), so memory stays bounded
+KFAC_CACHE_BYTES = 512 * 2 ** 20
+#: points that ApproxLOO ``method='cavity'`` keeps exactly, by default (at most n)
+LOO_CAVITY_POINTS = 1000
+#: ApproxLOO ``method='auto'`` runs ``'exact'`` while its memory estimate stays below this
+LOO_AUTO_EXACT_BYTES = 2 * 2 ** 30
 F64 = 8
 _UNITS = {"": 1, "B": 1, "KB": 10 ** 3, "MB": 10 ** 6, "GB": 10 ** 9, "TB": 10 ** 12,
           "KIB": 2 ** 10, "MIB": 2 ** 20, "GIB": 2 ** 30, "TIB": 2 ** 40}
@@ -372,31 +386,48 @@ def _point_blocks(m: int, K: int) -> int:
     return 8 * F64 * m * K * K
 
 
+def resolve_loo_method(md, method: str) -> str:
+    """The ApproxLOO method that ``method='auto'`` stands for on ``md`` ('exact' while its
+    memory estimate is below :data:`LOO_AUTO_EXACT_BYTES`, else 'cavity'); others unchanged."""
+    if method != "auto":
+        return method
+    exact = estimate_loo_memory(md, "exact")
+    return "exact" if exact.total <= LOO_AUTO_EXACT_BYTES else "cavity"
+
+
+def _woodbury(L: _Layout, m: int, Kp: int) -> dict:
+    """The terms of ApproxLOO's Woodbury solve on m points."""
+    K = L.K
+    return {"Cholesky of I + BᵀΘB (mK')², in place": F64 * (m * Kp) ** 2,
+            "diagonal blocks of its inverse (two (mK'/2)² temporaries)": F64 * (m * Kp) ** 2 // 2,
+            "one batch of kernel rows and their solve": 2 * F64 * min(L.B, m) * K * m * Kp,
+            "recorded layer inputs/gradients (m points)": _batch_records(L, K + Kp, m),
+            "autograd graph (one batch)": _graph(L, K),
+            "per-point K×K blocks": _point_blocks(m, K)}
+
+
 def estimate_loo_memory(md, method: str = "exact", *, n_points: int | None = None,
                         preconditioner="kfac", **_) -> MemoryEstimate:
     """Working memory of ``approx_loo(md, lam, method, ...)`` (see the module's second table):
     a :class:`MemoryEstimate` with ``approximation=method`` and ``matrix='approx_loo'``."""
+    method = resolve_loo_method(md, method)
     if method not in LOO_MEMORY_METHODS:
         raise ValueError(f"no memory model for ApproxLOO method={method!r}; "
                          f"known: {LOO_MEMORY_METHODS}")
-    from .loo import KFAC_CACHE_BYTES  # read at call time (tests may lower it)
     L = _layout(md)
     n, p, B, K = L.n, L.p, L.B, L.K
     Kp = K  # columns of the loss factor B_i: at most K (K − 1 for softmax: an upper bound)
     if method == "exact":
-        parts = {  # Θ is freed before the Cholesky: the peak is about the larger of the two
-                   # phases, kernel + BᵀΘ or Cholesky + BᵀΘ + its solve; summed here
-                 "NTK kernel (nK)²": F64 * (n * K) ** 2,
-                 "Cholesky of I + BᵀΘB (nK')²": F64 * (n * Kp) ** 2,
-                 "Woodbury products BᵀΘ and its solve": F64 * (n * Kp) * (n * K),
-                 "recorded layer inputs/gradients (all n)": _batch_records(L, K, n),
-                 "autograd graph (one batch)": _graph(L, K),
-                 "per-point K×K blocks": _point_blocks(n, K)}
+        parts = _woodbury(L, n, Kp)
+    elif method == "cavity":
+        m = min(LOO_CAVITY_POINTS if n_points is None else int(n_points), n)
+        parts = _woodbury(L, m, Kp)
+        parts["EKFAC factors and eigenbases"] = _kronecker_factors(L, True)
+        parts["layer records (one batch, EKFAC passes)"] = _batch_records(L, Kp, B)
     elif method == "kfac":
         cached = _batch_records(L, K, n) * L.s // F64  # records in the layers' dtype
         parts = {"Kronecker factors and eigenbases": _kronecker_factors(L, False),
-                 "cached layer records (up to loo.KFAC_CACHE_BYTES)": min(KFAC_CACHE_BYTES,
-                                                                           cached),
+                 "cached layer records (up to KFAC_CACHE_BYTES)": min(KFAC_CACHE_BYTES, cached),
                  # Jacobian output gradients (K per sample) and their Fisher combinations (K')
                  "layer records (one batch)": _batch_records(L, K + Kp, B),
                  "autograd graph (one batch)": _graph(L, K),
@@ -420,6 +451,7 @@ def check_loo_memory(md, method: str, memory_budget=None, **options) -> MemoryEs
     """Raise :class:`MemoryError` (before any data pass) when the estimate of
     ``approx_loo(md, lam, method, ...)`` exceeds ``memory_budget`` (None: the memory available
     now); return it otherwise (None when no limit is known)."""
+    method = resolve_loo_method(md, method)
     limit = _limit(memory_budget, md.device)
     if limit is None:
         return None
@@ -434,5 +466,5 @@ def check_loo_memory(md, method: str, memory_budget=None, **options) -> MemoryEs
             if o.total <= budget:
                 fits.append(f"method={other!r} (~{_fmt(o.total)})")
     _refuse(f"ApproxLOO(method={method!r})", est, limit_txt, fits,
-            "; no method fits: reduce batch_size or n_points (method='subsample'), or "
+            "; no method fits: reduce batch_size or n_points (method='cavity' or 'subsample'), or "
             "estimate on fewer samples with n_curvature_samples")

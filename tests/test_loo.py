@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from softrank import loo as loo_module
+from softrank import memory
 from softrank.curvature import KroneckerCurvature, curvature
 from softrank.loo import approx_loo
 from softrank.measures import tic
@@ -218,7 +219,7 @@ def test_kfac_one_pass_matches_two_passes(case_id, cache, monkeypatch):
     if cache != "all":
         first = next(md.batches("jacobian"))
         one = sum((lb.a.numel() + lb.g.numel()) * 8 for lb in first.layers)
-        monkeypatch.setattr(loo_module, "KFAC_CACHE_BYTES", one if cache == "part" else 0)
+        monkeypatch.setattr(memory, "KFAC_CACHE_BYTES", one if cache == "part" else 0)
     blocks, z, y = loo_module._kfac_blocks(md, L)
     ref = _two_pass_kfac_blocks(md, L)
     assert blocks.shape == ref.shape == (md.n, md.n_outputs, md.n_outputs)
@@ -239,3 +240,146 @@ def test_kfac_from_factors_matches_constructor():
                                    atol=1e-12 * float(e1.max()))
     v = torch.randn(md.n_params)
     np.testing.assert_allclose(G.solve(v, 0.05).numpy(), F.solve(v, 0.05).numpy(), rtol=1e-9)
+
+
+# -- per-parameter Λ against a dense float64 reference ------------------------------------------
+def _dense_reference(net, X, y, lam_vec, n, extra=None, subset=None):
+    r"""Dense float64 ApproxLOO from torch.func: per-sample Jacobians J_i, A_i = ∇²_z ℓ_i,
+    r_i = ∇_z ℓ_i, H = Σ_j J_jᵀA_jJ_j (over ``subset``, default all) + n Λ (+ ``extra``), and
+    z_i^(−i) = z_i + P_i (I − A_iP_i)⁻¹ r_i with P_i = J_i H⁻¹ J_iᵀ for i in ``subset``."""
+    names = [k for k, _ in net.named_parameters()]
+    shapes = [p.shape for _, p in net.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in net.named_parameters()])
+
+    def f(th, x):
+        parts, i = {}, 0
+        for name, shape in zip(names, shapes):
+            parts[name] = th[i:i + shape.numel()].reshape(shape)
+            i += shape.numel()
+        return torch.func.functional_call(net, parts, (x[None],))[0]
+
+    def loss(z, t):
+        return nn.functional.cross_entropy(z[None], t[None])
+
+    idx = torch.arange(len(X)) if subset is None else torch.as_tensor(subset)
+    J = torch.func.vmap(torch.func.jacrev(f), (None, 0))(theta, X)  # (n, K, p)
+    z = torch.func.vmap(f, (None, 0))(theta, X)
+    A = torch.func.vmap(torch.func.hessian(loss))(z, y)
+    r = torch.func.vmap(torch.func.grad(loss))(z, y)
+    H = torch.einsum("ikp,ikl,ilq->pq", J[idx], A[idx], J[idx]) + n * torch.diag(lam_vec)
+    if extra is not None:
+        H = H + extra
+    P = J[idx] @ torch.linalg.solve(H, J[idx].transpose(1, 2))
+    eye = torch.eye(z.shape[1])
+    z_loo = z[idx] + (P @ torch.linalg.solve(eye - A[idx] @ P, r[idx].unsqueeze(2))).squeeze(2)
+    return nn.functional.cross_entropy(z_loo, y[idx], reduction="none").numpy()
+
+
+def _lam_cases(net):
+    names = [k for k, _ in net.named_parameters()]
+    sizes = [p.numel() for _, p in net.named_parameters()]
+    per_tensor = dict(zip(names, [0.03, 0.2, 0.01, 0.5]))
+    layer_uniform = dict(zip(names, [0.03, 0.03, 0.1, 0.1]))
+    g = torch.Generator().manual_seed(7)
+    per_element = 0.01 * torch.exp(2 * torch.rand(sum(sizes), generator=g))
+    return {"per_tensor": per_tensor, "layer_uniform": layer_uniform,
+            "per_element": per_element}, names, sizes
+
+
+@pytest.mark.parametrize("lam_case", ["per_tensor", "per_element"])
+@pytest.mark.parametrize("method", ["exact", "cavity", "subsample"])
+def test_per_parameter_lam_matches_dense_reference(method, lam_case):
+    net, X, y = _small_mlp_data(6, n=30)
+    lams, names, sizes = _lam_cases(net)
+    lam = lams[lam_case]
+    lam_vec = as_lam(lam, names, sizes).vector
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
+    kw = {"n_points": md.n, "random_state": 0}
+    if method == "subsample":
+        kw.update(tol=1e-13, maxiter=2000)
+    res = approx_loo(md, lam, method, **({} if method == "exact" else kw))
+    ref = _dense_reference(net, X, y, lam_vec, md.n)
+    np.testing.assert_allclose(res.loo_losses, ref, rtol=1e-7 if method == "subsample" else 1e-9)
+    assert res.diagnostics["invalid_points"] == 0
+
+
+def test_kfac_accepts_per_parameter_lam():
+    """Λ constant on each layer: KFAC + Λ exactly (dense reference from the KFAC matrix); a
+    per-element Λ enters through its diagonal in the Kronecker eigenbasis, and the same Λ given
+    as a dict or as a (p,) tensor gives the same numbers."""
+    net, X, y = _small_mlp_data(8, n=30)
+    lams, names, sizes = _lam_cases(net)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
+    lam = lams["layer_uniform"]
+    vec = as_lam(lam, names, sizes).vector
+    res = approx_loo(md, lam, "kfac")
+    F_kfac = KroneckerCurvature(md, "fisher", "fisher").to_dense()
+    # the reference's H is Σ_j J_jᵀA_jJ_j + nΛ; replace the data term by n F_KFAC
+    dense_F = curvature(md, "fisher", "dense").to_dense()
+    ref = _dense_reference(net, X, y, vec, md.n, extra=md.n * (F_kfac - dense_F))
+    np.testing.assert_allclose(res.loo_losses, ref, rtol=1e-8)
+    again = approx_loo(md, vec.clone(), "kfac")
+    np.testing.assert_allclose(again.loo_losses, res.loo_losses, rtol=1e-12)
+    elem = approx_loo(md, lams["per_element"], "kfac")
+    assert np.isfinite(elem.gap) and elem.gap != res.gap
+
+
+def test_cavity_matches_its_dense_definition():
+    r"""m < n: H̃ = Σ_{j∈S} J_jᵀA_jJ_j + (n − m) F_EKFAC + nΛ, and every point's step is valid."""
+    net, X, y = _small_mlp_data(9, n=30)
+    lams, names, sizes = _lam_cases(net)
+    lam = lams["layer_uniform"]
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
+    res = approx_loo(md, lam, "cavity", n_points=12, random_state=3)
+    assert len(res.indices) == 12 and res.stderr > 0
+    F_ekfac = KroneckerCurvature(md, "fisher", "fisher", ekfac=True).to_dense()
+    ref = _dense_reference(net, X, y, as_lam(lam, names, sizes).vector, md.n,
+                           extra=(md.n - 12) * F_ekfac, subset=res.indices)
+    np.testing.assert_allclose(res.loo_losses, ref, rtol=1e-9)
+    assert res.diagnostics["invalid_points"] == 0 and res.diagnostics["max_point_leverage"] < 1
+
+
+def test_inverse_diagonal_blocks_recursion():
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(60, 60, generator=g)
+    M = X @ X.T + 60 * torch.eye(60)
+    inv = torch.linalg.inv(M)
+    ref = torch.stack([inv[3 * b:3 * b + 3, 3 * b:3 * b + 3] for b in range(20)])
+    for leaf in (6, 9, 1024):  # several levels of recursion, and none
+        got = loo_module._inverse_diagonal_blocks(torch.linalg.cholesky(M), 3, leaf=leaf)
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_fisher_rows_path_equals_the_full_blocks():
+    """B_iᵀP_iB_i from the Fisher rows alone (one Cholesky, diagonal blocks of its inverse)
+    equals the projection of the full K×K blocks from the Jacobian rows."""
+    net, X, y = _small_mlp_data(10, n=30)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8, n_train=45)
+    L = as_lam(0.02, md.param_names, md.sizes)
+    w = loo_module._lam_weights(md.rules, L, 45)
+    idx = np.arange(md.n)
+    M, z, y2 = loo_module._woodbury_fisher_blocks(md, w, idx, 1.5)
+    P, _, _ = loo_module._woodbury_blocks(md, w, idx, 1.5)
+    B = md.family.factor(z, y2)
+    np.testing.assert_allclose(M.numpy(), (B.transpose(1, 2) @ P @ B).numpy(), rtol=1e-9,
+                               atol=1e-13)
+
+
+def test_auto_picks_exact_then_cavity(monkeypatch):
+    net, X, y = _small_mlp_data(12, n=30)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
+    assert approx_loo(md, 0.05).method == "exact"
+    monkeypatch.setattr(memory, "LOO_AUTO_EXACT_BYTES", 0)
+    monkeypatch.setattr(memory, "LOO_CAVITY_POINTS", 10)
+    res = approx_loo(md, 0.05, random_state=0)
+    assert res.method == "cavity" and len(res.indices) == 10 and res.stderr > 0
+
+
+def test_subsample_not_converged_warns_and_has_no_stderr():
+    net, X, y = _small_mlp_data(13, n=30)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
+    with pytest.warns(RuntimeWarning, match="did not converge"):
+        res = approx_loo(md, 1e-3, "subsample", n_points=6, random_state=0, maxiter=2,
+                         preconditioner=None)
+    assert not res.diagnostics["converged"] and res.diagnostics["max_relative_residual"] > 1e-8
+    assert np.isnan(res.stderr) and res.diagnostics["sampling_stderr"] > 0

@@ -50,6 +50,17 @@ def test_subsample_reports_stderr_and_net_untouched(fitted):
     assert_same(before, snapshot(net))
 
 
+def test_cavity_and_auto(fitted):
+    net, X, y = fitted
+    est = ApproxLOO(net, method="cavity", n_points=25, random_state=0).fit(X, y)
+    assert est.stderr_ > 0 and len(est.loo_indices_) == 25
+    md = ModelData(net.module_, net.criterion_, X, y, output_transform=output_transform(net))
+    ref = approx_loo(md, 1e-2, "cavity", n_points=25, random_state=0)
+    assert est.gap_ == pytest.approx(ref.gap, rel=1e-10)
+    auto = ApproxLOO(net).fit(X, y)  # small n·K: 'auto' is 'exact'
+    assert auto.gap_ == pytest.approx(approx_loo(md, 1e-2, "exact").gap, rel=1e-10)
+
+
 def test_clone_pickle_and_grid_search(fitted):
     X, y = teacher_data()
     est = ApproxLOO(classifier(max_epochs=15), random_state=0)

@@ -32,7 +32,8 @@ Every ``est_*`` column is a gap estimate in loss units, comparable to ``observed
 subsample's Fisher, which misses the directions pinned by the other points (at most
 m(K−1) of them), not the full one. ApproxLOO ``'exact'`` runs only when n ≤ ``gram_samples``:
 on a subsample each point's own share of the Fisher would be n/m too large and its leave-one-out
-step far too small (``skipped`` says so). The Hessian uses ``hessian_samples`` points.
+step far too small, so above ``gram_samples`` the ``'cavity'`` method (valid at any n, with a
+standard error) runs in its place as ``est_loo_cavity`` (``skipped`` says so). The Hessian uses ``hessian_samples`` points.
 """
 from __future__ import annotations
 
@@ -142,9 +143,10 @@ def measure_model(module, criterion, data, lam: float, options, seed: int = 0
         md_a = md_gram if approx == "gram" else md
         row.step(approx, lambda: _fisher_measures(md_a, lam, approx, alpha, options))
     for method in options.loo:
-        if method == "exact" and n > options.gram_samples:
-            row.skipped.append(f"loo_exact: n={n} > gram_samples={options.gram_samples}")
-            continue
+        if method == "exact" and n > options.gram_samples:  # the large-n method instead
+            row.skipped.append(f"loo_exact: n={n} > gram_samples={options.gram_samples}; "
+                               "loo_cavity instead")
+            method = "cavity"
         row.step(f"loo_{method}", lambda: _loo(md, lam, method, seed))
     if options.hessian:
         md_h = _subsample(module, criterion, data.X_train, data.y_train,
