@@ -34,6 +34,7 @@ For ``memory_budget``, list the curvatures ``_measure`` builds in ``_memory_plan
 """
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 from numbers import Integral
 
@@ -208,8 +209,9 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         pre, net = sk.split_estimator(est)
         dtype = sk.module_dtype(net)
         if pre is None:
-            X = validate_data(self, X, reset=reset, dtype="numeric", allow_nd=True,
-                              ensure_all_finite=True)
+            with _naming("X"):
+                X = validate_data(self, X, reset=reset, dtype="numeric", allow_nd=True,
+                                  ensure_all_finite=True)
         else:
             validate_data(self, X, reset=reset, skip_check_array=True)
             X = pre.transform(X)
@@ -441,6 +443,18 @@ def _check_option(name, value) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={value!r}, but CUDA is not available here; use device='cpu' "
                          "or None (the module's device)")
+
+
+@contextmanager
+def _naming(name: str):
+    """Prefix ``name: `` to a ValueError/TypeError whose message does not name it (numpy's
+    'could not convert string to float', scikit-learn's 'Expected 2D array')."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if re.search(rf"\b{name}\b", str(e)):
+            raise
+        raise type(e)(f"{name}: {e}") from e
 
 
 def _is_auto(lam) -> bool:

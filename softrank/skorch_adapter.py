@@ -22,6 +22,7 @@ bit-identical (SPEC §6).
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from contextlib import contextmanager
 
@@ -121,8 +122,13 @@ def check_X(X, dtype: torch.dtype | None = None) -> np.ndarray:
     when they train or evaluate a bare net."""
     if torch.is_tensor(X):
         X = X.detach().cpu().numpy()
-    X = check_array(X, dtype="numeric", allow_nd=True, ensure_all_finite=True,
-                    input_name="X")
+    try:
+        X = check_array(X, dtype="numeric", allow_nd=True, ensure_all_finite=True,
+                        input_name="X")
+    except (ValueError, TypeError) as e:  # name X where numpy / scikit-learn do not
+        if "X" in re.findall(r"\bX\b", str(e)):
+            raise
+        raise type(e)(f"X: {e}") from e
     target = _NP_DTYPES.get(dtype or torch.get_default_dtype(), np.float32)
     out = X.astype(target, copy=False)
     if out.dtype != X.dtype and out.dtype.kind == "f" and not np.isfinite(out).all():
@@ -156,17 +162,18 @@ def check_module_fits_data(net, X, y) -> None:
     classifier's labels index its outputs (labels 0..K-1 for K outputs). One forward of one
     sample in eval mode, without gradients (modes restored: the module is not changed)."""
     _check_has_parameters(net)
-    if net_kind(net) != "classifier" or y is None or not isinstance(X, np.ndarray) or \
-            not len(y) or not len(X):
+    if not isinstance(X, np.ndarray) or not len(X):
         return
     try:
         with torch.no_grad(), preserved_modes(net):
             net.module_.eval()
             device = next(net.module_.parameters()).device
-            out = net.module_(torch.as_tensor(np.asarray(X[:1])).to(device))
-    except Exception:  # noqa: BLE001 - a shape mismatch is reported by the input checks
-        return
-    if not torch.is_tensor(out) or out.ndim < 2:
+            out = net.module_(torch.as_tensor(X[:1]).to(device))
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"the module cannot process X of shape {X.shape}: {e}. Check that X "
+                         "has the number of features (and the shape) the module expects") from e
+    if net_kind(net) != "classifier" or y is None or not len(y) or not torch.is_tensor(out) \
+            or out.ndim < 2:
         return
     K, top = int(out.shape[1]), int(np.max(y))
     if top >= K:
