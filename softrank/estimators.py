@@ -194,10 +194,16 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
                 X = sk.check_X(X, sk.module_dtype(net))
                 y = sk.check_y(net, y, len(X), sk.module_dtype(net))
                 self._check_criterion(net)
-                sk.check_module_fits_data(net, X, y)
+                if sk.module_built_by_initialize(net):
+                    sk.check_module_fits_data(net, X, y)  # before training: clear errors
             else:
                 y = sk.check_y(net, y, sk.num_samples(X))
-            est.fit(X, y)
+            try:
+                est.fit(X, y)
+            except Exception:
+                if pre is None:  # name the mismatch if that is what failed in training
+                    sk.check_module_fits_data(net, X, y)
+                raise
         return est, X, y
 
     def _check_criterion(self, net):
@@ -419,7 +425,8 @@ def _check_lam(lam) -> None:
 
 
 def _check_option(name, value) -> None:
-    """random_state and device: their types (torch and numpy would fail later, less clearly)."""
+    """random_state, device and params: their forms (torch and numpy would fail later, less
+    clearly; parameter names are checked against the module in ``fit``)."""
     if value is None:
         return
     if name == "random_state":
@@ -430,11 +437,12 @@ def _check_option(name, value) -> None:
             raise ValueError(f"random_state must be in [0, 2**32); got {value!r}")
         return
     if name == "params":
-        if callable(value) or (isinstance(value, (list, tuple)) and value and
-                               all(isinstance(v, str) for v in value)):
+        if callable(value) or isinstance(value, str) or (
+                isinstance(value, (list, tuple, set, frozenset)) and value and
+                all(isinstance(v, str) for v in value)):
             return
-        raise TypeError("params must be None, a non-empty list of parameter names, or a "
-                        f"callable(name, parameter) -> bool; got {value!r}")
+        raise TypeError("params must be None, a parameter name, a non-empty list of parameter "
+                        f"names, or a callable(name, parameter) -> bool; got {value!r}")
     try:
         dev = torch.device(value)
     except (RuntimeError, TypeError, ValueError):

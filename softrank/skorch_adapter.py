@@ -157,6 +157,18 @@ def initialize(net):
         raise
 
 
+def module_built_by_initialize(net) -> bool:
+    """True when ``net.initialize()`` builds the module that ``fit`` trains: no class of the net
+    outside skorch overrides ``fit`` or ``initialize_module`` (which may size the module from
+    the data, after the checks run)."""
+    for cls in type(net).__mro__:
+        if cls.__module__.split(".")[0] == "skorch":
+            return True
+        if "fit" in vars(cls) or "initialize_module" in vars(cls):
+            return False
+    return True
+
+
 def check_module_fits_data(net, X, y) -> None:
     """Before training or measuring a bare net: it has parameters to train and measure, and a
     classifier's labels index its outputs (labels 0..K-1 for K outputs). One forward of one

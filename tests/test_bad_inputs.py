@@ -91,7 +91,7 @@ BAD_PARAMETERS = [
     ("memory_budget", "1XB"), ("memory_budget", 10), ("memory_budget", "1KB"),
     ("random_state", "seed"), ("random_state", 1.5), ("random_state", -1),
     ("random_state", 2 ** 40), ("random_state", [1]),
-    ("params", "l.weight"), ("params", ["nope"]), ("params", []), ("params", 3),
+    ("params", "nope"), ("params", ["nope"]), ("params", []), ("params", 3),
     ("params", [1, 2]),
     ("device", "gpu"), ("device", 3), ("device", "nope"),
     ("prefit", "yes"),
@@ -191,6 +191,7 @@ def test_bad_regression_targets_are_named(regressor, yb, name):
     {"lam": torch.full((15,), 0.1)}, {"random_state": np.random.RandomState(0)},
     {"random_state": np.int64(3)}, {"n_curvature_samples": np.int64(20)},
     {"memory_budget": "1GB"}, {"memory_budget": 2e9}, {"params": ["l.weight"]},
+    {"params": "l.weight"},
     {"params": lambda name, p: name.endswith("weight")}, {"device": "cpu"},
 ])
 def test_good_parameters_pass(classifier, params):
