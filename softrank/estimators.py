@@ -35,6 +35,7 @@ For ``memory_budget``, list the curvatures ``_measure`` builds in ``_memory_plan
 from __future__ import annotations
 
 import warnings
+import re
 from contextlib import contextmanager
 from numbers import Integral
 
@@ -192,10 +193,16 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
                 X = sk.check_X(X, sk.module_dtype(net), net.module_)
                 y = sk.check_y(net, y, len(X), sk.module_dtype(net))
                 self._check_criterion(net)
-                sk.check_module_fits_data(net, X, y)
+                if sk.module_built_by_initialize(net):
+                    sk.check_module_fits_data(net, X, y)  # before training: clear errors
             else:
                 y = sk.check_y(net, y, sk.num_samples(X))
-            est.fit(X, y)
+            try:
+                est.fit(X, y)
+            except Exception:
+                if pre is None:  # name the mismatch if that is what failed in training
+                    sk.check_module_fits_data(net, X, y)
+                raise
         return est, X, y
 
     def _check_criterion(self, net):
@@ -212,8 +219,9 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
             if reset:
                 self.__dict__.pop("n_features_in_", None)
         elif pre is None:
-            X = validate_data(self, X, reset=reset, dtype="numeric", allow_nd=True,
-                              ensure_all_finite=True)
+            with _naming("X"):
+                X = validate_data(self, X, reset=reset, dtype="numeric", allow_nd=True,
+                                  ensure_all_finite=True)
         else:
             validate_data(self, X, reset=reset, skip_check_array=True)
             X = X if pre is None else pre.transform(X)
@@ -445,7 +453,8 @@ def _check_lam(lam) -> None:
 
 
 def _check_option(name, value) -> None:
-    """random_state and device: their types (torch and numpy would fail later, less clearly)."""
+    """random_state, device and params: their forms (torch and numpy would fail later, less
+    clearly; parameter names are checked against the module in ``fit``)."""
     if value is None:
         return
     if name == "random_state":
@@ -456,11 +465,12 @@ def _check_option(name, value) -> None:
             raise ValueError(f"random_state must be in [0, 2**32); got {value!r}")
         return
     if name == "params":
-        if callable(value) or (isinstance(value, (list, tuple)) and value and
-                               all(isinstance(v, str) for v in value)):
+        if callable(value) or isinstance(value, str) or (
+                isinstance(value, (list, tuple, set, frozenset)) and value and
+                all(isinstance(v, str) for v in value)):
             return
-        raise TypeError("params must be None, a non-empty list of parameter names, or a "
-                        f"callable(name, parameter) -> bool; got {value!r}")
+        raise TypeError("params must be None, a parameter name, a non-empty list of parameter "
+                        f"names, or a callable(name, parameter) -> bool; got {value!r}")
     try:
         dev = torch.device(value)
     except (RuntimeError, TypeError, ValueError):
@@ -469,6 +479,18 @@ def _check_option(name, value) -> None:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={value!r}, but CUDA is not available here; use device='cpu' "
                          "or None (the module's device)")
+
+
+@contextmanager
+def _naming(name: str):
+    """Prefix ``name: `` to a ValueError/TypeError whose message does not name it (numpy's
+    'could not convert string to float', scikit-learn's 'Expected 2D array')."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        if re.search(rf"\b{name}\b", str(e)):
+            raise
+        raise type(e)(f"{name}: {e}") from e
 
 
 def _is_auto(lam) -> bool:

@@ -200,8 +200,13 @@ def _takes_integers(module, X) -> bool:
 def _check_array(X, name, target, ensure_2d=True):
     if torch.is_tensor(X):
         X = X.detach().cpu().numpy()
-    X = check_array(X, dtype="numeric", allow_nd=True, ensure_all_finite=True, input_name=name,
-                    ensure_2d=ensure_2d)
+    try:
+        X = check_array(X, dtype="numeric", allow_nd=True, ensure_all_finite=True,
+                        input_name=name, ensure_2d=ensure_2d)
+    except (ValueError, TypeError) as e:  # name X where numpy / scikit-learn do not
+        if name in str(e):
+            raise
+        raise type(e)(f"{name}: {e}") from e
     if X.dtype.kind != "f":
         return X
     with np.errstate(over="ignore"):  # an overflowing cast is reported below
@@ -266,22 +271,35 @@ def initialize(net):
         raise
 
 
+def module_built_by_initialize(net) -> bool:
+    """True when ``net.initialize()`` builds the module that ``fit`` trains: no class of the net
+    outside skorch overrides ``fit`` or ``initialize_module`` (which may size the module from
+    the data, after the checks run)."""
+    for cls in type(net).__mro__:
+        if cls.__module__.split(".")[0] == "skorch":
+            return True
+        if "fit" in vars(cls) or "initialize_module" in vars(cls):
+            return False
+    return True
+
+
 def check_module_fits_data(net, X, y) -> None:
     """Before training or measuring a bare net: it has parameters to train and measure, and a
     classifier's labels index its outputs (labels 0..K-1 for K outputs). One forward of one
     sample in eval mode, without gradients (modes restored: the module is not changed)."""
     _check_has_parameters(net)
-    if net_kind(net) != "classifier" or y is None or not isinstance(X, np.ndarray) or \
-            not len(y) or not len(X):
+    if not isinstance(X, np.ndarray) or not len(X):
         return
     try:
         with torch.no_grad(), preserved_modes(net):
             net.module_.eval()
             device = next(net.module_.parameters()).device
-            out = net.module_(torch.as_tensor(np.asarray(X[:1])).to(device))
-    except Exception:  # noqa: BLE001 - a shape mismatch is reported by the input checks
-        return
-    if not torch.is_tensor(out) or out.ndim < 2:
+            out = net.module_(torch.as_tensor(X[:1]).to(device))
+    except (RuntimeError, ValueError, TypeError, IndexError) as e:
+        raise ValueError(f"the module cannot process X of shape {X.shape}: {e}. Check that X "
+                         "has the number of features (and the shape) the module expects") from e
+    if net_kind(net) != "classifier" or y is None or not len(y) or not torch.is_tensor(out) \
+            or out.ndim < 2:
         return
     K, top = int(out.shape[1]), int(np.max(y))
     if top >= K:
