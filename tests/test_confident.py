@@ -126,7 +126,7 @@ def test_calibration_ratio_conventions():
 
 @pytest.mark.parametrize("margin", [10.0, 25.0, 35.0])
 def test_categorical_residual_factor_and_loss_keep_their_digits(margin):
-    """Against the closed forms in terms of s = Σ_{k≠y} e^{z_k − z_y} (no 1 − π rounding)."""
+    """Against closed forms in s = Σ_{k≠y} e^{z_k − z_y} (no rounding of 1 − π)."""
     z = torch.tensor([[margin, 0.0, -1.0], [0.3, margin, 0.1]], dtype=torch.float64)
     y = torch.tensor([0, 1])
     fam = Categorical()
