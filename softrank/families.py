@@ -33,15 +33,16 @@ def _top_mask(z: torch.Tensor) -> torch.Tensor:
     return torch.arange(z.shape[1], device=z.device) == z.argmax(1, keepdim=True)
 
 
-def _logsumexp(z: torch.Tensor) -> torch.Tensor:
-    r""":math:`\log\sum_k e^{z_k}` per row, accurate when one logit dominates:
-    :math:`m + \operatorname{log1p}(\sum_{k\ne a} e^{z_k-m})` with :math:`m = z_a` the largest,
-    so a cross-entropy of 1e-12 keeps its digits (``torch.logsumexp`` rounds
-    :math:`1 + 10^{-12}` first)."""
+def _cross_entropy(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r""":math:`\log\sum_k e^{z_k} - z_y` per row, accurate when one logit dominates:
+    :math:`(m - z_y) + \operatorname{log1p}(\sum_{k\ne a} e^{z_k-m})` with :math:`m = z_a` the
+    largest, so a cross-entropy of 1e-12 keeps its digits (``torch.logsumexp`` rounds
+    :math:`1 + 10^{-12}`, and adding :math:`m` before subtracting :math:`z_y` rounds to the
+    spacing of floats near :math:`z_y`)."""
     top = _top_mask(z)
     m = z.max(1, keepdim=True).values
     rest = torch.where(top, torch.expm1(z - m), torch.exp(z - m)).sum(1)
-    return m.squeeze(1) + torch.log1p(rest)
+    return (m - z.gather(1, y.unsqueeze(1))).squeeze(1) + torch.log1p(rest)
 
 
 def _one_minus_softmax(z: torch.Tensor) -> torch.Tensor:
@@ -120,7 +121,7 @@ class Categorical(LossFamily):
                 f"0..{K - 1}; got values in {int(y.min())}..{int(y.max())}")
 
     def loss(self, z, y):
-        return _logsumexp(z) - z.gather(1, y.unsqueeze(1)).squeeze(1)
+        return _cross_entropy(z, y)
 
     def residual(self, z, y):
         p = torch.softmax(z, dim=1)

@@ -333,7 +333,8 @@ def check_y(net, y, n_samples: int | None = None, dtype: torch.dtype | None = No
         labelled = y if ignore is None else y[y != ignore]
         if labelled.size and labelled.min() < 0:
             raise ValueError(f"class labels must be 0..K-1 (skorch does not encode labels); got "
-                             f"a negative label {int(labelled.min())}. Encode them with LabelEncoder.")
+                             f"a negative label {int(labelled.min())}. Encode them with "
+                             "LabelEncoder.")
         if kind == "binary":
             y = y.astype(_NP_DTYPES.get(dtype or torch.get_default_dtype(), np.float32))
         else:
@@ -525,6 +526,8 @@ def _n_labelled(net, n: int, X, y) -> int:
     if ignore is None or y is None or np.ndim(y) != 1:
         return n
     labels = np.asarray(y)
+    if not (labels == ignore).any():
+        return n
     if net.train_split:
         train, _ = net.get_split_datasets(X, y)
         labels = np.asarray([np.asarray(train[i][1]) for i in range(len(train))])

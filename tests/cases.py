@@ -22,7 +22,7 @@ Models (``MODELS``)::
     bn     Linear(3,4)-BatchNorm1d(4)-Tanh-Dropout(0.3)-Linear(4,K)
 
 Confident nets (``CONFIDENT_CASE_IDS``, cross-entropy, K=3): an MLP
-Linear(8,12)-Tanh-Linear(12,K) whose output layer fits balanced labels with a logit margin of
+Linear(8,16)-Tanh-Linear(16,K) whose output layer fits balanced labels with a logit margin of
 5.8 on every sample (100 % training accuracy), then scaled ×4 (``conf4``: training loss
 1e-10) or ×100 (``conf100``: training loss 0 in float64). Weights and inputs are float32
 numbers, so ``.float()`` copies are the same model.
@@ -140,7 +140,7 @@ def bn(K):
 
 
 def confident_mlp(K):
-    return nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, K))
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, K))
 
 
 MODELS = {"mlp": (mlp, (3,)), "cnn": (cnn, (1, 5, 5)), "bn": (bn, (3,)),
@@ -233,12 +233,13 @@ def build_case(case_id: str, n: int = N_SAMPLES) -> Case:
 def _make_confident(model, X, scale):
     """Balanced labels and an output layer that fits them with one logit margin
     :data:`CONFIDENT_MARGIN` on every sample (least squares on the hidden features: exact for
-    n ≤ 13; otherwise the labels become the net's predictions, rescaled to that smallest
+    n ≤ 17; otherwise the labels become the net's predictions, rescaled to that smallest
     margin), then × ``scale``. Weights and X are
     float32 numbers. 100 % training accuracy."""
     head = model[0][-1]
     K = head.out_features
     with torch.no_grad():
+        model[0][0].weight.mul_(3.0)  # distinct hidden features: a moderate head fits them
         for p in model.parameters():
             p.copy_(p.float().double())
         X = X.float().double()
@@ -250,7 +251,7 @@ def _make_confident(model, X, scale):
         head.weight.copy_(W[:-1].T)
         head.bias.copy_(W[-1])
         z = model(X)
-        y = z.argmax(1)  # = the balanced labels when the fit is exact (n ≤ 13)
+        y = z.argmax(1)  # = the balanced labels when the fit is exact (n ≤ 17)
         others = z.masked_fill(Fn.one_hot(y, K).bool(), float("-inf")).max(1).values
         margin = float((z.gather(1, y[:, None])[:, 0] - others).min())
         assert margin > 0, "the confident case does not classify its data correctly"

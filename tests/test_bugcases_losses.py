@@ -12,7 +12,9 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from sklearn.model_selection import StratifiedKFold
 from skorch import NeuralNetClassifier, NeuralNetRegressor
+from skorch.dataset import ValidSplit
 from torch import nn
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
@@ -181,7 +183,7 @@ def test_weighted_criteria_get_the_ggn_of_the_weighted_loss(criterion):
     assert_rel(curvature(md, "gsm", "diagonal").trace(), float((G ** 2).sum() / 12), what="Tr C")
 
 
-# -- ignore_index ------------------------------------------------------------------------------------
+# -- ignore_index ----------------------------------------------------------------------------------
 def test_ignore_index_samples_enter_neither_loss_nor_curvature_nor_n():
     X, y = _data(60)  # about a third of the labels are 0 = ignored
     wd = 1e-2
@@ -209,13 +211,22 @@ def test_ignore_index_samples_enter_neither_loss_nor_curvature_nor_n():
     assert_rel(sr.gap_, tr.measure_ * sr.measure_ / n_kept, what="gap")
 
 
+def test_ignore_index_n_counts_the_labelled_samples_of_the_training_split():
+    X, y = _data(60)
+    net = _classifier(X, y, criterion=nn.CrossEntropyLoss, criterion__ignore_index=0,
+                      max_epochs=2, train_split=ValidSplit(5))  # 48 trained, 12 validation
+    train_idx, _ = next(StratifiedKFold(5).split(X, y))  # how ValidSplit(5) splits
+    est = TraceRatio(net, prefit=True).fit(X, y)
+    assert est.n_train_ == int((y[train_idx] != 0).sum())
+
+
 def test_ignore_index_on_every_label_is_a_clear_error():
     with pytest.raises(ValueError, match="every label equals the criterion's ignore_index=1"):
         ModelData(nn.Linear(2, 3), nn.CrossEntropyLoss(ignore_index=1), torch.zeros(4, 2),
                   torch.ones(4, dtype=torch.long))
 
 
-# -- reduction='sum' and lam='auto' -----------------------------------------------------------------
+# -- reduction='sum' and lam='auto' ----------------------------------------------------------------
 @pytest.mark.parametrize("batch_size, steps", [(80, 1), (20, 4), (30, 3)])
 def test_summed_loss_lam_auto_is_weight_decay_per_sample_of_a_step(batch_size, steps):
     n, wd = 80, 0.1

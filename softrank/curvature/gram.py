@@ -205,7 +205,7 @@ class GramCurvature(Curvature):
         chol = self._cholesky(L)
         inv_diag = _inverse_column_norms(chol)  # diag (I + K̃)⁻¹
         value = float(self.n_rows - inv_diag.sum())
-        if value < 0.5 * self.n_rows:  # small K̃: Tr K̃ − Tr K̃(I+K̃)⁻¹K̃ keeps the digits
+        if value < 0.5 * self.n_rows:  # small K̃: Tr K̃ − Tr K̃(I+K̃)⁻¹K̃ keeps its digits
             K, s = self._scaled(L)
             K = K / s
             value = float(K.diagonal().sum()
