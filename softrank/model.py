@@ -10,7 +10,7 @@ criterion, the parameters that count, and the data, and it streams batches of
   (C) or residuals at labels sampled from the model (F_MC).
 
 Layer records are exact only when every parameter enters the network through the one call of
-the module that owns it. :attr:`ModelData.rules` checks that on a few samples (forward hooks,
+the module that owns it. :attr:`ModelData.rules` checks that on one sample (forward hooks,
 and the records' gradient against autograd's); a parameter shared by two modules, a module
 called more than once, a module that returns a tuple (``nn.LSTM``) or a parameter used outside
 its module's call is measured instead through per-sample Jacobians of the whole network
@@ -89,8 +89,7 @@ def _to_tensor(a, name):
 
 def _to_inputs(X):
     """X as a tensor, or a dict-like of arrays as an :class:`InputDict` of equal-length tensors."""
-    if isinstance(X, dict) or (hasattr(X, "keys") and hasattr(X, "values")
-                               and not torch.is_tensor(X) and not hasattr(X, "columns")):
+    if isinstance(X, dict) and not hasattr(X, "tocsr"):  # (a scipy DOK matrix is a dict)
         if not len(X):
             raise ValueError("X is an empty dict; pass a dict of input arrays, one per argument of "
                              "the module's forward")
@@ -162,7 +161,10 @@ class ModelData:
     criterion : nn.Module
         The loss the network was trained with (a criterion of the family table, or any other).
     X, y : array-like or tensors
-        The data (training data for the measures). ``y`` may be None for label-free quantities.
+        The data (training data for the measures). X may also be a dict of them (e.g. a skorch
+        ``SliceDict``), passed to the module as keyword arguments; floating inputs are cast to
+        the module's dtype, integer inputs (token ids) are kept unless the module cannot take
+        them. ``y`` may be None for label-free quantities.
     params : None, list of names, or callable(name, parameter) -> bool
         Which parameters count (default: all with ``requires_grad``).
     output_transform : callable, optional
@@ -374,11 +376,12 @@ class ModelData:
         return rules, reasons
 
     def _probe_rows(self):
-        return self.X[: min(self.n, 8)].to(self.device)
+        """One sample: enough to see how each module is called and to compare gradients."""
+        return self.X[:1].to(self.device)
 
     def _check_records(self, rules) -> list[str]:
         """Reasons the layer records of ``rules`` are not exact, from one forward/backward pass
-        of a few samples: how each module was called, and whether the records' gradient of
+        of one sample: how each module was called, and whether the records' gradient of
         Σ u·z (u random) equals autograd's."""
         xb = self._probe_rows()
         try:

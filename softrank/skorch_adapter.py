@@ -147,8 +147,8 @@ _NP_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.float1
 
 # -- data ------------------------------------------------------------------------------------
 def is_dict_like(X) -> bool:
-    """A dict of input arrays (a plain dict or skorch's SliceDict), not a DataFrame."""
-    return isinstance(X, dict)
+    """A dict of input arrays (a plain dict or skorch's SliceDict; not a scipy DOK matrix)."""
+    return isinstance(X, dict) and not hasattr(X, "tocsr")
 
 
 def split_dataset(X, y=None):

@@ -26,16 +26,19 @@ def soft_rank(M: torch.Tensor, lam: float) -> float:
 
 
 def _rows(X, i):
+    """Row i (as a batch of one) of X, or the rows ``i`` if it is a slice."""
+    sl = i if isinstance(i, slice) else slice(i, i + 1)
     if isinstance(X, dict):
-        return {k: torch.as_tensor(np.asarray(v[i:i + 1])) for k, v in X.items()}
-    return torch.as_tensor(np.asarray(X[i:i + 1]))
+        return {k: torch.as_tensor(np.asarray(v[sl])) for k, v in X.items()}
+    return torch.as_tensor(np.asarray(X[sl]))
 
 
 class Reference64:
     """F, C and H of the mean loss of ``module`` on (X, y), in float64.
 
-    ``loss``: 'ce' (cross-entropy on logits, integer labels) or 'mse' (mean squared error over
-    the d outputs, targets (n, d)). ``names``: the parameters that count (default: all)."""
+    ``loss``: 'ce' (cross-entropy on logits, integer labels), 'bce' (binary cross-entropy on
+    one logit, labels in {0, 1}) or 'mse' (mean squared error over the d outputs, targets
+    (n, d)). ``names``: the parameters that count (default: all)."""
 
     def __init__(self, module, X, y, loss: str, names=None):
         self.m = copy.deepcopy(module).double().eval()
@@ -48,7 +51,7 @@ class Reference64:
         self.X, self.loss = X, loss
         self.n = len(y)
         self.y = torch.as_tensor(np.asarray(y))
-        if loss == "mse":
+        if loss in ("mse", "bce"):
             self.y = self.y.double().reshape(self.n, -1)
         J, Z = zip(*(self._jacobian(i) for i in range(self.n)))
         self.J, self.z = torch.stack(J), torch.stack(Z)  # (n, K, p), (n, K)
@@ -74,6 +77,9 @@ class Reference64:
 
     # -- output space ---------------------------------------------------------------------------
     def _A(self):
+        if self.loss == "bce":
+            p = torch.sigmoid(self.z)
+            return (p * (1 - p)).unsqueeze(2)
         if self.loss == "ce":
             p = torch.softmax(self.z, 1)
             return torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
@@ -81,20 +87,22 @@ class Reference64:
         return (2.0 / d) * torch.eye(d, dtype=torch.float64).expand(self.n, d, d)
 
     def _residual(self):
+        if self.loss == "bce":
+            return torch.sigmoid(self.z) - self.y
         if self.loss == "ce":
             return torch.softmax(self.z, 1) - torch.nn.functional.one_hot(
                 self.y.long(), self.z.shape[1]).double()
         return 2.0 * (self.z - self.y) / self.z.shape[1]
 
     def _mean_loss(self, theta):
-        total = 0.0
-        for i in range(self.n):
-            z = self.outputs(theta, _rows(self.X, i))[None]
-            if self.loss == "ce":
-                total = total + torch.nn.functional.cross_entropy(z, self.y[i:i + 1].long())
-            else:
-                total = total + ((z - self.y[i:i + 1]) ** 2).mean()
-        return total / self.n
+        """Mean loss, all samples in one forward pass (the modules here are per-sample in
+        evaluation mode)."""
+        z = self.outputs(theta, _rows(self.X, slice(None))).reshape(self.n, -1)
+        if self.loss == "ce":
+            return torch.nn.functional.cross_entropy(z, self.y.long())
+        if self.loss == "bce":
+            return torch.nn.functional.binary_cross_entropy_with_logits(z, self.y)
+        return ((z - self.y) ** 2).mean()
 
     # -- matrices -------------------------------------------------------------------------------
     @property
@@ -107,7 +115,10 @@ class Reference64:
         return G.T @ G / self.n
 
     def H(self) -> torch.Tensor:
-        return torch.autograd.functional.hessian(self._mean_loss, self.theta)
+        """Reverse-over-reverse, one row per backward pass (no forward-mode AD: LSTMs)."""
+        if not hasattr(self, "_H"):
+            self._H = torch.autograd.functional.hessian(self._mean_loss, self.theta)
+        return self._H
 
     def train_loss(self) -> float:
         return float(self._mean_loss(self.theta))

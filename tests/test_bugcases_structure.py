@@ -251,6 +251,7 @@ def test_float64_lstm_without_torch_func_batching():
     and the dense Hessian to reverse-over-reverse; exact to float64 precision."""
     torch.manual_seed(1)
     module = SeqReg().double().eval()
+    module.lstm, module.out = nn.LSTM(3, 2, batch_first=True).double(), nn.Linear(2, 1).double()
     X = torch.randn(12, 4, 3, dtype=torch.float64)
     y = torch.randn(12, 1, dtype=torch.float64)
     md = ModelData(module, nn.MSELoss(), X, y, batch_size=5)
