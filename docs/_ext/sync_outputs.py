@@ -17,8 +17,10 @@ compared).
 
 Usage::
 
-    python docs/_ext/sync_outputs.py            # run every command, rewrite the blocks
-    python docs/_ext/sync_outputs.py --check    # run them and compare (exit 1 on a difference)
+    python docs/_ext/sync_outputs.py            # rewrite the blocks, running every command
+                                                # whose sources changed since its record
+    python docs/_ext/sync_outputs.py --all      # run every command
+    python docs/_ext/sync_outputs.py --check    # compare instead (exit 1 on a difference)
     python docs/_ext/sync_outputs.py --only approx_loo   # commands containing this text
 
 Each run records the command's full output and a hash of the sources it depends on (the
@@ -194,11 +196,17 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true",
                         help="compare instead of rewriting (exit 1 on a difference)")
     parser.add_argument("--only", metavar="TEXT", help="only the commands containing TEXT")
+    parser.add_argument("--all", action="store_true",
+                        help="run every command, also those whose record is up to date")
     args = parser.parse_args(argv)
     found = [b for b in all_blocks() if args.only is None or args.only in b.command]
     record = load_record()
     outputs: dict[str, str] = {}
     for command in dict.fromkeys(b.command for b in found):
+        entry = record.get(command)
+        if not args.all and entry is not None and entry["sources"] == sources_hash(command):
+            outputs[command] = entry["stdout"]  # the sources are unchanged since the record
+            continue
         t = time.perf_counter()
         print(f"running `{command}` ...", end=" ", flush=True)
         outputs[command] = run(command)
