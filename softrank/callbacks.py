@@ -45,6 +45,7 @@ subsample (KFAC: about one training epoch over the subsample).
 """
 from __future__ import annotations
 
+import warnings
 from numbers import Integral
 
 import numpy as np
@@ -54,7 +55,7 @@ from skorch.callbacks import Callback, EarlyStopping
 from torch.utils.data import Subset
 
 from .estimators import GapEstimator, SoftRankFIM
-from .stationarity import finish_training
+from .stationarity import NotStationaryWarning, finish_training
 
 __all__ = ["GapTracker", "EstimatedLossEarlyStopping", "FinishTraining",
            "default_tracker_measure"]
@@ -143,7 +144,9 @@ class GapTracker(Callback):
     # -- measuring ---------------------------------------------------------------------------
     def measure_net(self, net, X, y) -> GapEstimator:
         """The template fitted on (X, y) with ``estimator=net``, ``prefit=True``."""
-        est = clone(self.measure_).set_params(estimator=net, prefit=True).fit(X, y)
+        with warnings.catch_warnings():  # a net in training is not at a minimizer, by design
+            warnings.simplefilter("ignore", NotStationaryWarning)
+            est = clone(self.measure_).set_params(estimator=net, prefit=True).fit(X, y)
         if est.gap_ is None:
             raise ValueError(f"{type(est).__name__} has no gap estimate; GapTracker needs a "
                              "measure with gap_ (SoftRankFIM, TIC, TraceRatio, ApproxLOO)")

@@ -278,6 +278,8 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         self._check_params()
         self._y_1d = y is not None and np.asarray(y).ndim == 1
         est, X, y = self._fit_estimator(X, y)
+        Xt, yt, net = self._labelled(est, X, y, reset=True)
+        self._check_criterion(net)
         lam_option = getattr(self, "lam", "auto")
         options = finish_options(getattr(self, "finish", False))
         finished = None
@@ -285,11 +287,11 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
             finished = finish_training(est, X, y, lam=lam_option, params=self.params,
                                        device=self.device, **options)
             est = finished.estimator
+            _, net = sk.split_estimator(est)
             stationarity = finished.stationarity_after
         else:
             stationarity = self._stationarity(est, X, y, lam_option)
-        Xt, y, net = self._labelled(est, X, y, reset=True)
-        self._check_criterion(net)
+        y = yt
         n_train, source = sk.n_trained(net, Xt, y)
         full = self._model_data(net, Xt, y, n_train)
         Xc, yc = self._curvature_subset(Xt, y)
