@@ -7,6 +7,7 @@ from .influence import leverage_scores, rank_samples, tic_contributions
 from .loo import approx_loo
 from .model import ModelData
 from .scoring import InSampleSplit, gap_scorer, make_gap_scorer
+from .summary import EstimateSummary
 from .stationarity import (FinishResult, NotStationaryWarning, finish_training,
                            relative_stationarity)
 
@@ -16,4 +17,5 @@ __all__ = ["ModelData", "curvature", "family_for", "approx_loo", "__version__",
            "InSampleSplit", "gap_scorer", "make_gap_scorer",
            "GapTracker", "EstimatedLossEarlyStopping", "FinishTraining",
            "relative_stationarity", "finish_training", "FinishResult", "NotStationaryWarning",
+           "EstimateSummary",
            "leverage_scores", "tic_contributions", "rank_samples"]

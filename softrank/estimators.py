@@ -61,6 +61,7 @@ from .regularization import as_lam
 from .stationarity import (STATIONARITY_THRESHOLD, NotStationaryWarning, finish_training,
                            relative_stationarity)
 from ._warnings import ReissuedWarnings, warn
+from .summary import EstimateSummary, summarize
 
 __all__ = ["GapEstimator", "SoftRankFIM", "TIC", "TraceRatio", "HessianNorm", "ApproxLOO"]
 
@@ -406,6 +407,15 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         """Hook: keep what ``transform`` needs."""
 
     # -- using the fitted estimator --------------------------------------------------------
+    def summary(self) -> EstimateSummary:
+        """A verdict on the estimate: the number with its standard error, n, Λ, the
+        approximation, α, r, invalid leave-one-out points, and a plain statement with the
+        action to take for each failure regime it is in (not stationary, collapsed gradients,
+        upper-bound approximation, invalid leave-one-out steps). ``print(est.summary())``;
+        ``est.summary().as_dict()``."""
+        check_is_fitted(self)
+        return summarize(self)
+
     def loss(self, X, y) -> float:
         """Mean loss of the fitted net on (X, y), in evaluation mode, with its criterion."""
         check_is_fitted(self)

@@ -43,10 +43,10 @@ class TanhMLP(nn.Module):
         return self.out(torch.tanh(self.hidden(X)))
 
 
-def smooth_net(wd=1e-2, max_epochs=1, dtype=F64, **kw):
+def smooth_net(wd=1e-2, max_epochs=1, dtype=F64, lr=0.05, **kw):
     kw.setdefault("train_split", None)
     return NeuralNetClassifier(TanhMLP, module__dtype=dtype, criterion=nn.CrossEntropyLoss,
-                               optimizer=torch.optim.Adam, lr=0.05, optimizer__weight_decay=wd,
+                               optimizer=torch.optim.Adam, lr=lr, optimizer__weight_decay=wd,
                                max_epochs=max_epochs, batch_size=16, verbose=0, **kw)
 
 
@@ -201,3 +201,41 @@ def test_finish_training_callback_changes_the_net(data):
     result = dict(net.callbacks_)["finish"].result_
     assert result.converged and result.stationarity_before > 1
     assert relative_stationarity(net, X, y) <= 1e-4
+
+
+# -- the verdict: summary() ---------------------------------------------------------------------
+def test_summary_states_each_regime_with_its_action(one_epoch, data):
+    X, y = data
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotStationaryWarning)
+        diag = SoftRankFIM(one_epoch, approximation="diagonal").fit(X, y).summary()
+    assert diag.regimes == ("not_stationary", "upper_bound") and not diag.trustworthy
+    assert "finish=True" in diag.statements[0] and "approximation='kfac'" in diag.statements[1]
+    d = diag.as_dict()
+    assert d["n"] == 60 and d["lam"] == 1e-2 and d["alpha"] == pytest.approx(
+        SoftRankFIM(one_epoch).fit(X, y).result_.diagnostics["alpha"], rel=1e-8)
+    text = str(diag)
+    assert "SoftRankFIM: gap" in text and "n = 60" in text and "Upper bound" in text
+    finished = ApproxLOO(one_epoch, finish=True).fit(X, y).summary()
+    assert finished.trustworthy and finished.finished and finished.invalid_points == 0
+    assert "No known failure regime applies" in str(finished)
+
+
+def test_collapsed_gradients_regime():
+    X, y = teacher_data(n=30)
+    torch.manual_seed(0)
+    net = smooth_net(wd=1e-5, max_epochs=400, lr=0.05).fit(X, y)  # memorizes 30 points
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotStationaryWarning)
+        s = SoftRankFIM(net, lam=1e-5).fit(X, y).summary()
+    assert s.alpha < 0.5 and "collapsed_gradients" in s.regimes
+    assert "ApproxLOO" in s.statements[s.regimes.index("collapsed_gradients")]
+
+
+def test_library_warnings_point_at_the_callers_line(data):
+    X, y = data
+    torch.manual_seed(0)
+    net = smooth_net(wd=1e-4, max_epochs=200).fit(X, y)
+    with pytest.warns(RuntimeWarning, match="invalid") as record:  # KFAC leave-one-out
+        ApproxLOO(net, method="kfac", lam=1e-6).fit(X, y)
+    assert record and all(w.filename == __file__ for w in record)

@@ -62,6 +62,7 @@ class MeasureOptions:
     test_samples: int = 1000
     ece_bins: int = 15
     batch_size: int = 256
+    finish: int = 0  # L-BFGS iterations to finish each net and measure it again (0: as trained)
 
     def __post_init__(self):
         for name in ("soft_rank", "tic", "loo"):
@@ -73,6 +74,7 @@ class MeasureOptions:
                 raise ValueError(f"measures.{name} must be a positive integer; got {value!r}")
             object.__setattr__(self, name, int(value))
         object.__setattr__(self, "hessian", bool(self.hessian))
+        object.__setattr__(self, "finish", max(0, int(self.finish)))
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,10 @@ class TrainConfig:
     @property
     def id(self) -> str:
         """Stable 12-hex-digit id: SHA-1 of the canonical JSON of :meth:`to_dict`."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        d = self.to_dict()
+        if not d["measures"]["finish"]:  # ids of grids without finishing stay as they were
+            del d["measures"]["finish"]
+        text = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def hyperparameters(self) -> dict[str, Any]:

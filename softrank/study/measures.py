@@ -14,7 +14,7 @@ Column names (n = training-set size, λ = weight decay, α = Tr C / Tr F on the 
 ``est_rank_n_<a>``          calibrated estimate :math:`\mathrm{rank}_\lambda(F)/n`
 ``est_tic_<a>``             Fisher TIC :math:`\mathrm{Tr}\,C(F+\lambda I)^{-1}/n`
 ``est_trace_ratio``         :math:`\alpha/n` (Thomas et al., 2020)
-``est_loo_<m>``             ApproxLOO gap (SPEC §4a) by method ``m``
+``est_loo_<m>``             approximate leave-one-out gap by method ``m``     
 ``hessian_trace``           Tr H (dense, or matrix-free Hutch++ with ``hessian_trace_stderr``)
 ``hessian_spectral``        largest eigenvalue of H (dense, or matrix-free Lanczos)
 ``grad_norm``               ‖∇(mean loss + ½λ‖θ‖²)‖ on the training data
