@@ -462,3 +462,20 @@ def test_write_csv_is_atomic_on_error(tmp_path):
         write_csv(path, [{"a": Boom()}])
     assert read_csv(path) == [{"a": 1}]
     assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]
+
+
+def test_finish_option_measures_the_net_as_trained_and_finished():
+    base = dict(dataset="teacher_student", width=4, n_train=40, n_test=40, epochs=2)
+    plain = TrainConfig(**base, measures=MeasureOptions(**TINY_MEASURES))
+    assert TrainConfig(**base, measures=MeasureOptions(**TINY_MEASURES, finish=0)).id == plain.id
+    cfg = TrainConfig(**base, measures=MeasureOptions(**{**TINY_MEASURES, "finish": 300,
+                                                         "hessian": False}))
+    assert cfg.id != plain.id
+    row = run_config(cfg)
+    assert row["errors"] == "" and row["errors_finished"] == ""
+    assert 1 <= row["finish_iterations"] <= 300
+    # a ReLU net's objective is only piecewise smooth: L-BFGS gets r far down, not to 1e-3
+    assert row["grad_norm_relative_finished"] < row["grad_norm_relative"] / 20
+    for col in ("observed_gap", "train_loss", "est_rank_n_kfac"):
+        assert math.isfinite(row[f"{col}_finished"]), col
+    assert row["train_loss_finished"] < row["train_loss"]
