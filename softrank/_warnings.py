@@ -37,7 +37,7 @@ def warn(message, category=UserWarning) -> None:
 
 class ReissuedWarnings:
     """Context manager: collect the warnings raised inside the block and raise them again on
-    exit, each attributed to the user's line (the first frame outside softrank)."""
+    exit, each once, attributed to the user's line (the first frame outside softrank)."""
 
     def __enter__(self):
         self._catcher = warnings.catch_warnings(record=True)
@@ -48,6 +48,10 @@ class ReissuedWarnings:
     def __exit__(self, *exc):
         self._catcher.__exit__(*exc)
         frame = sys._getframe(0)
+        seen = set()
         for w in self._caught:
-            warnings.warn(w.message, w.category, stacklevel=_stacklevel(frame))
+            key = (str(w.message), w.category)
+            if key not in seen:  # the same warning from two passes over one net: once
+                seen.add(key)
+                warnings.warn(w.message, w.category, stacklevel=_stacklevel(frame))
         return False

@@ -239,3 +239,16 @@ def test_library_warnings_point_at_the_callers_line(data):
     with pytest.warns(RuntimeWarning, match="invalid") as record:  # KFAC leave-one-out
         ApproxLOO(net, method="kfac", lam=1e-6).fit(X, y)
     assert record and all(w.filename == __file__ for w in record)
+
+
+def test_no_lambda_no_stationarity(data):
+    X, y = data
+    torch.manual_seed(0)
+    net = smooth_net(wd=0.0).fit(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotStationaryWarning)
+        est = TraceRatio(net).fit(X, y)
+    assert est.stationarity_ is None and est.summary().stationarity is None
+    with pytest.raises(ValueError, match="no weight decay"):
+        relative_stationarity(net, X, y)
+    assert relative_stationarity(net, X, y, lam=1e-2) > 0
