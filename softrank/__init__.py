@@ -24,6 +24,9 @@ _EXPORTS = {
     "TraceRatio": ".estimators", "HessianNorm": ".estimators", "ApproxLOO": ".estimators",
     "InSampleSplit": ".scoring", "gap_scorer": ".scoring", "make_gap_scorer": ".scoring",
     "GapTracker": ".callbacks", "EstimatedLossEarlyStopping": ".callbacks",
+    "FinishTraining": ".callbacks", "EstimateSummary": ".summary",
+    "relative_stationarity": ".stationarity", "finish_training": ".stationarity",
+    "FinishResult": ".stationarity", "NotStationaryWarning": ".stationarity",
     "leverage_scores": ".influence", "tic_contributions": ".influence",
     "rank_samples": ".influence",
 }

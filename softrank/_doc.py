@@ -89,6 +89,17 @@ memory_budget : int, str or None, default=None
 verbose : bool or int, default=False
     Show progress bars (tqdm, on standard error) for the data passes, the Gram kernel build
     and the Lanczos and conjugate-gradient iterations of ``fit``.""",
+    "finish": """\
+finish : bool or dict, default=False
+    Every estimate assumes the net sits at the minimizer of its training objective
+    :math:`\\frac1n\\sum_i\\ell_i + \\frac12\\theta^\\top\\Lambda\\theta`. True: measure a
+    finished copy instead — :func:`softrank.finish_training` (full-batch L-BFGS with a
+    strong-Wolfe line search on that objective, from the trained θ, on the fit data, with this
+    estimator's ``lam``, ``params`` and ``device``); a dict passes its options (``tol``,
+    ``max_iter``, ``history_size``, ``batch_size``). ``estimator_`` is then the finished net
+    and ``predict`` uses it; the net given is not changed. Finish when the estimates serve to
+    choose Λ or an architecture; the finished net is not the net as trained (finishing undoes
+    what early stopping and the learning rate did).""",
 }
 
 #: The fitted attributes every estimator sets (``fit``), one entry each.
@@ -136,6 +147,18 @@ n_features_in_ : int
     "classes_": """\
 classes_ : ndarray of shape (n_classes,)
     Class labels (classifiers only).""",
+    "stationarity_": """\
+stationarity_ : float or None
+    Relative stationarity
+    :math:`r = \\|\\nabla(\\frac1n\\sum_i\\ell_i + \\frac12\\theta^\\top\\Lambda\\theta)\\| /
+    \\|\\Lambda\\theta\\|` of the measured net on the fit data (one gradient pass; 0 at the
+    minimizer every estimate assumes). None when there is no Λ. Above
+    ``softrank.stationarity.STATIONARITY_THRESHOLD`` ``fit`` warns with
+    :class:`softrank.NotStationaryWarning`.""",
+    "finish_result_": """\
+finish_result_ : softrank.FinishResult or None
+    What finishing did (iterations, r and loss before and after), or None without
+    ``finish``.""",
 }
 
 # -- NumPy-style sections -----------------------------------------------------------------------

@@ -2,14 +2,20 @@ r"""``softrank demo``: do the training-set measures rank models by their general
 
 On scikit-learn's bundled digits (fixed split, :func:`softrank.datasets.load_digits_split`) a
 small grid of skorch MLPs differing in width, weight decay and training-set size is trained
-(``train_split=None``, so n is the training-set size). Every measure of :data:`MEASURES` is
-computed on each model's **training** data; the test set only gives the observed gap
-(test loss − train loss, both in evaluation mode). One table is printed, then the Kendall τ
-of each measure against the observed gap.
+(``train_split=None``, so n is the training-set size), then **finished**: trained on by
+full-batch L-BFGS to the minimizer of its regularized objective
+(:func:`softrank.stationarity.finish_training`), the point every estimate assumes. Every measure
+of :data:`MEASURES` is computed on each finished model's **training** data; the test set only
+gives the observed gap of the finished model (test loss − train loss, both in evaluation mode).
+The relative stationarity r of each model as trained and finished is shown beside it.
+
+The output is a sequence of sections, one function each (:data:`SECTIONS`): the table, the
+Kendall τ of each measure against the observed gap, and one line summarizing the warnings the
+estimators raised. Numbers are printed to 4 significant digits.
 
 Adding a measure is one entry in :data:`MEASURES`: ``(column name, factory(net, approximation,
-seed) -> GapEstimator, what)`` with ``what`` in {'gap', 'measure'} — the column shows ``gap_``
-or ``measure_``.
+seed, n_outputs) -> GapEstimator, what)`` with ``what`` in {'gap', 'measure'} — the column shows
+``gap_`` or ``measure_``.
 """
 from __future__ import annotations
 
@@ -17,6 +23,8 @@ import argparse
 import csv
 import sys
 import time
+import warnings
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import product
@@ -31,9 +39,15 @@ from .datasets import load_digits_split
 from .estimators import TIC, ApproxLOO, HessianNorm, SoftRankFIM, TraceRatio
 from .model import ModelData
 from .skorch_adapter import mean_loss, output_transform
+from .stationarity import finish_training
 
-__all__ = ["MLP", "make_mlp_classifier", "ModelSpec", "MEASURES", "model_grid", "run_demo",
-           "main"]
+__all__ = ["MLP", "make_mlp_classifier", "ModelSpec", "MEASURES", "SECTIONS", "model_grid",
+           "run_demo", "main"]
+
+#: ApproxLOO uses the exact method (one Cholesky of size n·K) up to this n·K, KFAC above
+EXACT_LOO_MAX_NK = 6000
+#: L-BFGS iterations of finishing each model
+FINISH_MAX_ITER = 300
 
 
 class MLP(nn.Module):
@@ -67,35 +81,35 @@ def make_mlp_classifier(hidden: int = 32, weight_decay: float = 1e-3, *, n_featu
 
 
 # -- the measures --------------------------------------------------------------------------------
-def _soft_rank(net, approximation, seed):
+def _soft_rank(net, approximation, seed, n_k):
     return SoftRankFIM(net, approximation=approximation, prefit=True, random_state=seed)
 
 
-def _soft_rank_calibrated(net, approximation, seed):
+def _soft_rank_calibrated(net, approximation, seed, n_k):
     return SoftRankFIM(net, approximation=approximation, gap_formula="rank", prefit=True,
                        random_state=seed)
 
 
-def _tic(net, approximation, seed):
+def _tic(net, approximation, seed, n_k):
     return TIC(net, approximation=approximation, variant="fisher", prefit=True,
                random_state=seed)
 
 
-def _trace_ratio(net, approximation, seed):
+def _trace_ratio(net, approximation, seed, n_k):
     return TraceRatio(net, prefit=True, random_state=seed)
 
 
-def _approx_loo(net, approximation, seed):
-    method = "kfac" if approximation in ("kfac", "ekfac", "diagonal") else "exact"
+def _approx_loo(net, approximation, seed, n_k):
+    method = "exact" if n_k <= EXACT_LOO_MAX_NK else "kfac"
     return ApproxLOO(net, method=method, prefit=True, random_state=seed)
 
 
-def _hessian_trace(net, approximation, seed):
+def _hessian_trace(net, approximation, seed, n_k):
     # the dense Hessian costs ~p Hessian-vector products per sample: a 256-sample subsample
     return HessianNorm(net, ord="trace", n_curvature_samples=256, prefit=True, random_state=seed)
 
 
-#: (column, factory(net, approximation, seed) -> GapEstimator, 'gap' or 'measure')
+#: (column, factory(net, approximation, seed, n·K) -> GapEstimator, 'gap' or 'measure')
 MEASURES = [
     ("softrank_gap", _soft_rank, "gap"),
     ("rank/n", _soft_rank_calibrated, "gap"),
@@ -134,18 +148,27 @@ def _eval_loss(net, X, y) -> float:
 
 
 def evaluate_model(spec: ModelSpec, data, approximation: str, seed: int) -> dict:
-    """Train one MLP on the first ``spec.n_train`` training samples and measure it."""
+    """Train one MLP on the first ``spec.n_train`` training samples, finish it, and measure the
+    finished net. The row's ``warnings`` lists the categories of the warnings raised."""
     X, y = data.X_train[:spec.n_train], data.y_train[:spec.n_train]
     torch.manual_seed(seed)
     net = make_mlp_classifier(spec.hidden, spec.weight_decay, n_classes=data.n_classes)
     net.fit(X, y)
-    row = {"model": spec.name, "n": spec.n_train}
-    row["train_loss"] = _eval_loss(net, X, y)
-    row["test_loss"] = _eval_loss(net, data.X_test, data.y_test)
+    finished = finish_training(net, X, y, max_iter=FINISH_MAX_ITER)
+    fnet = finished.estimator
+    row = {"model": spec.name, "n": spec.n_train, "r": finished.stationarity_before,
+           "r_finished": finished.stationarity_after}
+    row["train_loss"] = _eval_loss(fnet, X, y)
+    row["test_loss"] = _eval_loss(fnet, data.X_test, data.y_test)
     row["observed_gap"] = row["test_loss"] - row["train_loss"]
+    caught = []
     for column, factory, what in MEASURES:
-        est = factory(net, approximation, seed).fit(X, y)
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            est = factory(fnet, approximation, seed, spec.n_train * data.n_classes).fit(X, y)
+        caught += [w.category.__name__ for w in record]
         row[column] = est.gap_ if what == "gap" else est.measure_
+    row["warnings"] = caught
     return row
 
 
@@ -190,24 +213,49 @@ def run_demo(approximation: str = "kfac", quick: bool = False, seed: int = 0,
 
 
 def columns() -> list[str]:
-    return ["model", "n", "train_loss", "test_loss", "observed_gap"] + [c for c, _, _ in MEASURES]
+    return (["model", "n", "r", "r_finished", "train_loss", "test_loss", "observed_gap"]
+            + [c for c, _, _ in MEASURES])
 
 
 def _cell(v) -> str:
-    return v if isinstance(v, str) else (str(v) if isinstance(v, (int, np.integer)) else f"{v:.6g}")
+    return v if isinstance(v, str) else (str(v) if isinstance(v, (int, np.integer)) else f"{v:.4g}")
 
 
-def format_table(rows, taus) -> str:
+def table_section(rows, taus) -> list[str]:
+    """The models (as measured after finishing; r as trained and finished)."""
     cols = columns()
     cells = [cols] + [[_cell(r[c]) for c in cols] for r in rows]
     widths = [max(len(line[i]) for line in cells) for i in range(len(cols))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(line, widths)) for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append("")
-    lines.append("Kendall tau against the observed gap (training-set measures; +1 = same order):")
-    for c, _, _ in MEASURES:
-        lines.append(f"  tau[{c}] = {taus[c]:+.4f}")
-    return "\n".join(lines)
+    return lines
+
+
+def tau_section(rows, taus) -> list[str]:
+    """Kendall τ of each measure against the observed gap of the finished models."""
+    lines = ["Kendall tau against the observed gap (training-set measures; +1 = same order):"]
+    lines += [f"  tau[{c}] = {taus[c]:+.4f}" for c, _, _ in MEASURES]
+    return lines
+
+
+def warning_section(rows, taus) -> list[str]:
+    """One line: the warnings the estimators raised, by category, over all models."""
+    counts = Counter(w for r in rows for w in r["warnings"])
+    if not counts:
+        return ["warnings: none"]
+    models = sum(1 for r in rows if r["warnings"])
+    parts = ", ".join(f"{name} x{k}" for name, k in sorted(counts.items()))
+    return [f"warnings: {parts} (on {models} of {len(rows)} models; fit one model alone and "
+            "print est.summary() for what each means)"]
+
+
+#: the printed sections, in order: each a function (rows, taus) -> lines
+SECTIONS = [table_section, tau_section, warning_section]
+
+
+def format_table(rows, taus) -> str:
+    blocks = ["\n".join(section(rows, taus)) for section in SECTIONS]
+    return "\n\n".join(blocks)
 
 
 def write_csv(path, rows) -> None:
@@ -236,8 +284,8 @@ def main(args: argparse.Namespace | None = None) -> int:
     t0 = time.perf_counter()
     rows, taus = run_demo(args.approximation, args.quick, args.seed,
                           progress=not args.no_progress, threads=args.threads)
-    print(f"digits: {len(rows)} skorch MLPs, measures on the training data, "
-          f"approximation={args.approximation!r}, seed={args.seed}")
+    print(f"digits: {len(rows)} skorch MLPs, finished by L-BFGS, measures on the training "
+          f"data, approximation={args.approximation!r}, seed={args.seed}")
     print(format_table(rows, taus))
     if args.csv:
         write_csv(args.csv, rows)

@@ -62,6 +62,10 @@ from .memory import (MemoryEstimate, check_loo_memory, check_memory, estimate_lo
                      estimate_memory, parse_bytes)
 from .model import ModelData
 from .regularization import as_lam
+from .stationarity import (STATIONARITY_THRESHOLD, NotStationaryWarning, finish_training,
+                           relative_stationarity)
+from ._warnings import ReissuedWarnings, warn
+from .summary import EstimateSummary, summarize
 
 __all__ = ["GapEstimator", "SoftRankFIM", "TIC", "TraceRatio", "HessianNorm", "ApproxLOO"]
 
@@ -151,6 +155,7 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
             _check_lam(getattr(self, "lam", "auto"))
         for name in ("random_state", "device", "params"):
             _check_option(name, getattr(self, name, None))
+        finish_options(getattr(self, "finish", False))
 
     # -- tags ------------------------------------------------------------------------------
     def __sklearn_tags__(self):
@@ -280,11 +285,27 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         softrank.families.UnsupportedCriterionError
             When the measure needs the Fisher and the net's criterion has none.
         """
+        with ReissuedWarnings():  # every warning of the measurement points at the caller
+            return self._fit(X, y)
+
+    def _fit(self, X, y):
         self._check_params()
         self._y_1d = y is not None and np.asarray(y).ndim == 1
         est, X, y = self._fit_estimator(X, y)
-        Xt, y, net = self._labelled(est, X, y, reset=True)
+        Xt, yt, net = self._labelled(est, X, y, reset=True)
         self._check_criterion(net)
+        lam_option = getattr(self, "lam", "auto")
+        options = finish_options(getattr(self, "finish", False))
+        finished = None
+        if options is not None:
+            finished = finish_training(est, X, y, lam=lam_option, params=self.params,
+                                       device=self.device, **options)
+            est = finished.estimator
+            _, net = sk.split_estimator(est)
+            stationarity = finished.stationarity_after
+        else:
+            stationarity = self._stationarity(est, X, y, lam_option)
+        y = yt
         n_train, source = sk.n_trained(net, Xt, y)
         full = self._model_data(net, Xt, y, n_train)
         Xc, yc = self._curvature_subset(Xt, y)
@@ -307,10 +328,29 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         self.n_samples_fit_ = len(Xt)
         self.approximation_ = result.approximation
         self.stderr_ = result.diagnostics.get("stderr")
+        self.stationarity_ = stationarity
+        self.finish_result_ = finished
+        if stationarity is not None and stationarity > STATIONARITY_THRESHOLD:
+            warn(not_stationary_message(type(self).__name__, stationarity, finished),
+                 NotStationaryWarning)
         if sk.net_kind(net) in ("classifier", "binary"):
             self.classes_ = sk.classes_of(net, md.n_outputs)
         self._after_fit(md, Xc)
         return self
+
+    def _stationarity(self, est, X, y, lam) -> float | None:
+        """r of ``est`` on the fit data; None when there is no Λ to measure it against (no
+        ``lam`` and no weight decay in the optimizer)."""
+        if not self._needs_lam and _is_auto(lam):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return relative_stationarity(est, X, y, params=self.params,
+                                                 batch_size=self.batch_size, device=self.device)
+            except ValueError:
+                return None
+        return relative_stationarity(est, X, y, lam=lam, params=self.params,
+                                     batch_size=self.batch_size, device=self.device)
 
     def _measure(self, md, lam) -> MeasureResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -382,6 +422,15 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         """Hook: keep what ``transform`` needs."""
 
     # -- using the fitted estimator --------------------------------------------------------
+    def summary(self) -> EstimateSummary:
+        """A verdict on the estimate: the number with its standard error, n, Λ, the
+        approximation, α, r, invalid leave-one-out points, and a plain statement with the
+        action to take for each failure regime it is in (not stationary, collapsed gradients,
+        upper-bound approximation, invalid leave-one-out steps). ``print(est.summary())``;
+        ``est.summary().as_dict()``."""
+        check_is_fitted(self)
+        return summarize(self)
+
     def loss(self, X, y) -> float:
         """Mean loss of the fitted net on (X, y), in evaluation mode, with its criterion."""
         check_is_fitted(self)
@@ -497,6 +546,42 @@ def _is_auto(lam) -> bool:
     return isinstance(lam, str) and lam == "auto"
 
 
+_FINISH_KEYS = ("tol", "max_iter", "history_size", "batch_size")
+
+
+def finish_options(finish) -> dict | None:
+    """The options of :func:`~softrank.stationarity.finish_training` that ``finish`` asks for
+    (None: do not finish)."""
+    if finish is False or finish is None:
+        return None
+    if finish is True:
+        return {}
+    if isinstance(finish, dict):
+        unknown = sorted(set(finish) - set(_FINISH_KEYS))
+        if unknown:
+            raise ValueError(f"finish has unknown options {unknown}; allowed: {list(_FINISH_KEYS)}"
+                             " (lam, params and device are the estimator's own)")
+        return dict(finish)
+    raise ValueError(f"finish must be True, False or a dict of finish_training options "
+                     f"{list(_FINISH_KEYS)}; got {finish!r}")
+
+
+def not_stationary_message(name: str, r: float, finished=None) -> str:
+    """What a :class:`~softrank.stationarity.NotStationaryWarning` says."""
+    where = ("the finished net is still" if finished is not None else "the measured net is")
+    text = (f"{name}: {where} far from the minimizer of its training objective mean loss + "
+            f"½θᵀΛθ: relative stationarity r = {r:.3g} > {STATIONARITY_THRESHOLD:g} (the "
+            "objective's gradient against the regularizer's pull Λθ; 0 at the minimizer). "
+            "Every gap estimate assumes that minimizer; on nets this far from it they were "
+            "measured 2-50x the observed gap. ")
+    if finished is not None:
+        return text + (f"Finishing stopped after {finished.n_iter} iterations: raise "
+                       "finish={'max_iter': ...} or 'tol'.")
+    return text + ("Pass finish=True to measure the net finished to that minimizer (L-BFGS; "
+                   "the estimate then describes the finished net, not the one as trained), "
+                   "or train it to convergence yourself (full batch, decaying learning rate).")
+
+
 @compose
 class SoftRankFIM(TransformerMixin, GapEstimator):
     r"""Soft rank of the Fisher and the soft-rank generalization gap estimate.
@@ -583,7 +668,7 @@ class SoftRankFIM(TransformerMixin, GapEstimator):
 
     def __init__(self, estimator, *, lam="auto", approximation="exact", gap_formula="alpha_rank",
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto", memory_budget=None, verbose=False,
+                 params=None, prefit="auto", memory_budget=None, finish=False, verbose=False,
                  calibrated="deprecated"):
         self.estimator = estimator
         self.lam = lam
@@ -598,6 +683,7 @@ class SoftRankFIM(TransformerMixin, GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.finish = finish
 
     def _memory_plan(self, md):
         # F, then the exact traces of C and F (diagonals) of the trace ratio α
@@ -726,7 +812,8 @@ class TIC(GapEstimator):
 
     def __init__(self, estimator, *, lam="auto", approximation="exact", variant="fisher",
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto", memory_budget=None, verbose=False):
+                 params=None, prefit="auto", memory_budget=None, finish=False,
+                 verbose=False):
         self.estimator = estimator
         self.lam = lam
         self.approximation = approximation
@@ -738,6 +825,7 @@ class TIC(GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.finish = finish
         self.verbose = verbose
 
     @property
@@ -810,7 +898,8 @@ class TraceRatio(GapEstimator):
     _needs_lam = False
 
     def __init__(self, estimator, *, n_curvature_samples=None, batch_size=256, random_state=None,
-                 device=None, params=None, prefit="auto", memory_budget=None, verbose=False):
+                 device=None, params=None, prefit="auto", memory_budget=None, finish=False,
+                 verbose=False):
         self.estimator = estimator
         self.n_curvature_samples = n_curvature_samples
         self.batch_size = batch_size
@@ -819,6 +908,7 @@ class TraceRatio(GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.finish = finish
         self.verbose = verbose
 
     def _memory_plan(self, md):
@@ -899,7 +989,8 @@ class HessianNorm(GapEstimator):
 
     def __init__(self, estimator, *, ord="trace", approximation="exact",
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto", memory_budget=None, verbose=False):
+                 params=None, prefit="auto", memory_budget=None, finish=False,
+                 verbose=False):
         self.estimator = estimator
         self.ord = ord
         self.approximation = approximation
@@ -910,6 +1001,7 @@ class HessianNorm(GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.finish = finish
         self.verbose = verbose
 
     def _check_params(self):
@@ -1036,7 +1128,8 @@ class ApproxLOO(GapEstimator):
 
     def __init__(self, estimator, *, lam="auto", method="auto", n_points=None,
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto", memory_budget=None, verbose=False):
+                 params=None, prefit="auto", memory_budget=None, finish=False,
+                 verbose=False):
         self.estimator = estimator
         self.lam = lam
         self.method = method
@@ -1048,6 +1141,7 @@ class ApproxLOO(GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.finish = finish
         self.verbose = verbose
 
     def _check_params(self):

@@ -677,3 +677,34 @@ def test_workers_exit_when_the_driver_is_killed(tmp_path):
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(w) for w in workers), "workers outlived their driver"
+def test_finish_option_measures_the_net_as_trained_and_finished():
+    base = dict(dataset="teacher_student", width=4, n_train=40, n_test=40, epochs=2)
+    plain = TrainConfig(**base, measures=MeasureOptions(**TINY_MEASURES))
+    assert TrainConfig(**base, measures=MeasureOptions(**TINY_MEASURES, finish=0)).id == plain.id
+    cfg = TrainConfig(**base, measures=MeasureOptions(**{**TINY_MEASURES, "finish": 300,
+                                                         "hessian": False}))
+    assert cfg.id != plain.id
+    row = run_config(cfg)
+    assert row["errors"] == "" and row["errors_finished"] == ""
+    assert 1 <= row["finish_iterations"] <= 300
+    # a ReLU net's objective is only piecewise smooth: L-BFGS gets r far down, not to 1e-3
+    assert row["grad_norm_relative_finished"] < row["grad_norm_relative"] / 20
+    for col in ("observed_gap", "train_loss", "est_rank_n_kfac"):
+        assert math.isfinite(row[f"{col}_finished"]), col
+    assert row["train_loss_finished"] < row["train_loss"]
+
+
+def test_finished_view_and_stationarity_report():
+    from softrank.study.analysis import finished_view, stationarity_report
+    rows = [{"dataset": "d", "width": w, "observed_gap": g, "est_loo_exact": 10 * g,
+             "grad_norm_relative": 50.0, "observed_gap_finished": 2 * g,
+             "est_loo_exact_finished": 2 * g * (1 + 0.1 * w), "grad_norm_relative_finished": 0.2}
+            for w, g in ((1, 0.1), (2, 0.3), (3, 0.2))] + [{"dataset": "d", "observed_gap": 1.0}]
+    view = finished_view(rows)
+    assert len(view) == 3 and view[1]["observed_gap"] == 0.6 and view[1]["width"] == 2
+    assert view[0]["est_loo_exact"] == pytest.approx(0.22) and "observed_gap_finished" not in view[0]
+    text = stationarity_report(rows)
+    assert "3 models; median relative stationarity r as trained 50" in text and "finished 0.2" in text
+    line = next(x for x in text.splitlines() if x.startswith("| `est_loo_exact`"))
+    # as trained: ratio 10, τ +1 (same order); finished: ratios 1.1, 1.2, 1.3, τ +1
+    assert line == "| `est_loo_exact` | 10 [10, 10] | +1.000 | 1.2 [1.12, 1.28] | +1.000 |"

@@ -15,6 +15,8 @@ r"""How well does each measure rank models by their generalization gap, and how 
   over the m hyperparameters that vary. Groups where τ is undefined (fewer than two models, or a
   constant measure or gap) are left out of the mean, and counted.
 * :func:`ratios` — estimate / observed gap per model, and :func:`ratio_summary`.
+* :func:`finished_view` — the rows of the finished nets (columns ``*_finished`` under their
+  plain names), and :func:`stationarity_report` — estimates as trained against finished;
 * :func:`split_regimes` — the models that are over-fit on their training set
   (α = Tr C / Tr F < threshold on the training data: the gradients at the true labels have
   collapsed) and the others.
@@ -34,7 +36,7 @@ from .grid import HYPERPARAMETERS
 __all__ = ["kendall_tau", "tau_table", "granulated_tau", "GranulatedTau", "ratios",
            "ratio_summary", "estimate_columns", "measure_columns", "varying_hyperparameters",
            "regime", "split_regimes", "group_rows", "markdown_report", "TARGET", "BASELINES",
-           "REGIME_THRESHOLD"]
+           "REGIME_THRESHOLD", "finished_view", "stationarity_report"]
 
 TARGET = "observed_gap"
 #: measures without a gap estimate that the study compares against
@@ -242,5 +244,57 @@ def markdown_report(rows: list[dict], threshold: float = REGIME_THRESHOLD,
         out += _tau_section(group, measure_columns(group), threshold)
         out += ["", "estimate / observed gap:", ""]
         out += _ratio_section(group, estimate_columns(group), threshold)
+        out.append("")
+    return "\n".join(out)
+
+
+# -- as trained and finished -----------------------------------------------------------------------
+FINISHED = "_finished"
+
+
+def finished_view(rows: list[dict]) -> list[dict]:
+    """The finished nets as rows of their own: each ``<column>_finished`` under ``<column>``
+    (the configuration columns kept); rows measured only as trained are left out."""
+    out = []
+    for r in rows:
+        if f"{TARGET}{FINISHED}" not in r:
+            continue
+        view = {k: v for k, v in r.items() if not k.endswith(FINISHED)}
+        view.update({k[:-len(FINISHED)]: v for k, v in r.items() if k.endswith(FINISHED)})
+        out.append(view)
+    return out
+
+
+def stationarity_report(rows: list[dict], columns: Sequence[str] | None = None,
+                        by: str = "dataset") -> str:
+    """Markdown: per value of ``by``, each estimate as trained and finished — median
+    estimate/observed gap and Kendall τ against the observed gap of the same nets — with the
+    median relative stationarity r of both."""
+    out: list[str] = []
+    for name, group in group_rows([r for r in rows if f"{TARGET}{FINISHED}" in r], by).items():
+        fin = finished_view(group)
+        cols = [c for c in (estimate_columns(fin) if columns is None else columns)
+                if any(_finite(r.get(c)) for r in fin)]
+        r_as = [r["grad_norm_relative"] for r in group if _finite(r.get("grad_norm_relative"))]
+        r_fin = [r["grad_norm_relative"] for r in fin if _finite(r.get("grad_norm_relative"))]
+        out += [f"### {name}", "",
+                f"{len(group)} models; median relative stationarity r as trained "
+                f"{_fmt(float(np.median(r_as)) if r_as else None, '.3g')} "
+                f"(range {_fmt(min(r_as, default=None), '.3g')} … "
+                f"{_fmt(max(r_as, default=None), '.3g')}), finished "
+                f"{_fmt(float(np.median(r_fin)) if r_fin else None, '.3g')} "
+                f"(range {_fmt(min(r_fin, default=None), '.3g')} … "
+                f"{_fmt(max(r_fin, default=None), '.3g')}).", "",
+                "| estimate | as trained: median est/obs [p10, p90] | τ | "
+                "finished: median est/obs [p10, p90] | τ |", "|---|---|---|---|---|"]
+        trained, finished = ratio_summary(group, cols), ratio_summary(fin, cols)
+        tau_t, tau_f = tau_table(group, cols), tau_table(fin, cols)
+        for c in cols:
+            cells = [f"`{c}`"]
+            for summary, taus in ((trained, tau_t), (finished, tau_f)):
+                q = summary[c]
+                cells += [f"{_fmt(q['median'], '.3g')} [{_fmt(q['p10'], '.3g')}, "
+                          f"{_fmt(q['p90'], '.3g')}]", _fmt(taus[c])]
+            out.append("| " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

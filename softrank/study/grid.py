@@ -48,7 +48,7 @@ OPTIMIZERS = ("adam", "sgd")
 CHOICES = {"arch": ARCHITECTURES, "optimizer": OPTIMIZERS, "dataset": DATASET_NAMES,
            "soft_rank": APPROXIMATIONS, "tic": APPROXIMATIONS, "loo": LOO_METHODS}
 #: integer fields that may be 0 (the others must be ≥ 1)
-_NON_NEGATIVE = {"seed", "data_seed"}
+_NON_NEGATIVE = {"seed", "data_seed", "finish"}
 #: number fields that must be > 0 (the others only finite)
 _POSITIVE = {"weight_decay", "lr"}
 
@@ -129,6 +129,7 @@ class MeasureOptions:
     test_samples: int = 1000
     ece_bins: int = 15
     batch_size: int = 256
+    finish: int = 0  # L-BFGS iterations to finish each net and measure it again (0: as trained)
 
     def __post_init__(self):
         _validate_fields(self, "measures.")
@@ -176,7 +177,10 @@ class TrainConfig:
     @property
     def id(self) -> str:
         """Stable 12-hex-digit id: SHA-1 of the canonical JSON of :meth:`to_dict`."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        d = self.to_dict()
+        if not d["measures"]["finish"]:  # ids of grids without finishing stay as they were
+            del d["measures"]["finish"]
+        text = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 
     def hyperparameters(self) -> dict[str, Any]:

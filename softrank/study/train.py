@@ -3,8 +3,10 @@ r"""Train one configuration with skorch and return its result row.
 The network is a skorch ``NeuralNetClassifier`` with ``CrossEntropyLoss`` on logits,
 ``train_split=None`` (so n = ``n_train``, every point is trained on), shuffled minibatches and
 Adam or SGD (momentum 0.9) with ``weight_decay`` = λ: the objective is
-:math:`\frac1n\sum_i\ell_i + \frac\lambda2\|\theta\|^2`, the
-convention of the estimators (mean loss, Λ = λI).
+:math:`\frac1n\sum_i\ell_i + \frac\lambda2\|\theta\|^2`. With ``measures.finish`` > 0
+each net is also finished — full-batch L-BFGS on that objective until the relative stationarity
+r ≤ 1e-3 or ``finish`` iterations (:func:`softrank.stationarity.finish_training`) — and measured
+again (columns ``*_finished``).
 
 Architectures (``arch``):
 
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from ..datasets import Dataset, load_dataset
+from ..stationarity import finish_training
 from .grid import TrainConfig, config_from_dict
 from .measures import evaluate, measure_model
 
@@ -183,5 +186,29 @@ def _run(cfg: TrainConfig, data_root: str | None) -> dict[str, Any]:
     row.update(evaluate(net.module_, criterion, data, cfg.measures))
     row.update(measure_model(net.module_, criterion, data, cfg.weight_decay, cfg.measures,
                              seed=cfg.seed))
+    if cfg.measures.finish:
+        row.update(_finished_columns(net, criterion, data, cfg))
     row["time_total"] = time.perf_counter() - start
     return row
+
+
+#: tolerance on the relative stationarity r of the study's finishing
+FINISH_TOL = 1e-3
+
+
+def _finished_columns(net, criterion, data: Dataset, cfg: TrainConfig) -> dict[str, Any]:
+    """The net finished by full-batch L-BFGS (``cfg.measures.finish`` iterations at most) on
+    its training objective, measured again: every column of :func:`evaluate` and
+    :func:`measure_model` with the suffix ``_finished``, and ``finish_iterations``,
+    ``finish_converged``, ``time_finish``."""
+    t0 = time.perf_counter()
+    res = finish_training(net, data.X_train, data.y_train, tol=FINISH_TOL,
+                          max_iter=cfg.measures.finish)
+    out: dict[str, Any] = {"finish_iterations": res.n_iter, "finish_converged": res.converged,
+                           "time_finish": time.perf_counter() - t0}
+    module = res.estimator.module_
+    cols = evaluate(module, criterion, data, cfg.measures)
+    cols.update(measure_model(module, criterion, data, cfg.weight_decay, cfg.measures,
+                              seed=cfg.seed))
+    out.update({f"{k}_finished": v for k, v in cols.items()})
+    return out

@@ -1,0 +1,174 @@
+r"""A verdict on an estimate: the number, what it rests on, and the regimes where it fails.
+
+:class:`EstimateSummary` is what ``GapEstimator.summary()`` returns: the estimate with its
+standard error, n, :math:`\Lambda`, the approximation, :math:`\alpha = \mathrm{Tr}\,C/\mathrm{Tr}\,F`
+(where computed), the relative stationarity r, the invalid approximate leave-one-out points,
+and one plain statement, with the action to take, for each regime the estimate is in:
+
+* **not stationary** — r above :data:`~softrank.stationarity.STATIONARITY_THRESHOLD`: the net is
+  not at the minimizer of its training objective, which every estimate assumes;
+* **collapsed gradients** — α below :data:`ALPHA_THRESHOLD` on the fit data: the net fits its
+  training labels far more confidently than its own predictive distribution implies
+  (memorization), so the estimates built on C (the α-weighted soft-rank gap, TIC, the trace
+  ratio) collapse with the gradients while the real gap does not;
+* **upper bound** — a diagonal curvature: :math:`\mathrm{rank}_\Lambda(\mathrm{diag}\,F) \ge
+  \mathrm{rank}_\Lambda(F)`, so the estimate is an upper bound;
+* **invalid leave-one-out steps** — points where the approximate curvature does not dominate
+  the point's own term (max eigenvalue of :math:`A_iP_i \ge 1`).
+
+``str(summary)`` prints it; ``summary.as_dict()`` is the same as a flat dict.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .stationarity import STATIONARITY_THRESHOLD
+
+__all__ = ["EstimateSummary", "ALPHA_THRESHOLD", "summarize"]
+
+#: α = Tr C / Tr F on the fit data below which the C-based estimates are said to collapse
+ALPHA_THRESHOLD = 0.5
+
+_C_BASED = {"SoftRankFIM", "TIC", "TraceRatio"}
+
+
+def _number(v, digits: int = 4) -> str:
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    if isinstance(v, (tuple, list)):
+        return "per parameter [" + ", ".join(_number(x, digits) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_number(x, digits)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+@dataclass(frozen=True)
+class EstimateSummary:
+    """A fitted estimator's estimate and the regimes it is in.
+
+    Attributes
+    ----------
+    estimator : str
+        The estimator's class name.
+    measure, gap, stderr : float or None
+        ``measure_``, ``gap_`` (loss units; None for a baseline) and ``stderr_``.
+    train_loss : float
+        Mean training loss of the measured net.
+    n : int
+        Samples the net trained on (n of the estimates).
+    lam : float, dict, tuple or None
+        :math:`\\Lambda`.
+    approximation : str
+        The curvature approximation (or leave-one-out method).
+    alpha : float or None
+        :math:`\\mathrm{Tr}\\,C/\\mathrm{Tr}\\,F` on the fit data, where the estimator computes it.
+    stationarity : float or None
+        Relative stationarity r of the measured net.
+    finished : bool
+        Whether the measured net was finished (``finish=True``).
+    invalid_points : int or None
+        Approximate leave-one-out points with an invalid step (ApproxLOO only).
+    regimes : tuple of str
+        Names of the regimes the estimate is in ('not_stationary', 'collapsed_gradients',
+        'upper_bound', 'invalid_loo_steps').
+    statements : tuple of str
+        One plain statement with the action to take per regime, in the same order.
+    """
+
+    estimator: str
+    measure: float
+    gap: float | None
+    stderr: float | None
+    train_loss: float
+    n: int
+    lam: object
+    approximation: str
+    alpha: float | None
+    stationarity: float | None
+    finished: bool
+    invalid_points: int | None
+    regimes: tuple
+    statements: tuple
+
+    def as_dict(self) -> dict:
+        """The summary as a plain dict (JSON-ready apart from a tensor-valued Λ)."""
+        d = asdict(self)
+        d["regimes"], d["statements"] = list(self.regimes), list(self.statements)
+        return d
+
+    @property
+    def trustworthy(self) -> bool:
+        """True when the estimate is in none of the regimes."""
+        return not self.regimes
+
+    def __str__(self) -> str:
+        head = f"{self.estimator}: "
+        if self.gap is not None:
+            head += f"gap {_number(self.gap)}"
+            if self.stderr is not None:
+                head += f" ± {_number(self.stderr, 2)}"
+            head += (f" (estimated test loss {_number(self.train_loss + self.gap)}, "
+                     f"training loss {_number(self.train_loss)})")
+        else:
+            head += f"measure {_number(self.measure)}"
+        lines = [head,
+                 f"  n = {self.n}, Λ = {_number(self.lam)}, approximation = {self.approximation}"
+                 f", α = {_number(self.alpha)}, r = {_number(self.stationarity)}"
+                 + (" (finished)" if self.finished else "")
+                 + ("" if self.invalid_points is None else
+                    f", invalid leave-one-out points = {self.invalid_points}")]
+        if not self.statements:
+            lines.append("  No known failure regime applies.")
+        lines += [f"  - {s}" for s in self.statements]
+        return "\n".join(lines)
+
+
+def summarize(est) -> EstimateSummary:
+    """The :class:`EstimateSummary` of a fitted :class:`~softrank.estimators.GapEstimator`."""
+    name = type(est).__name__
+    diag = est.result_.diagnostics
+    alpha = diag.get("alpha")
+    if alpha is None and name == "TraceRatio":
+        alpha = est.measure_
+    r = getattr(est, "stationarity_", None)
+    finished = getattr(est, "finish_result_", None) is not None
+    invalid = diag.get("invalid_points") if name == "ApproxLOO" else None
+    regimes, statements = [], []
+    if r is not None and r > STATIONARITY_THRESHOLD:
+        regimes.append("not_stationary")
+        fix = ("raise the finishing budget (finish={'max_iter': ...})" if finished else
+               "fit with finish=True to measure the net finished to that minimizer (then the "
+               "estimate describes the finished net, not the one as trained)")
+        statements.append(
+            f"Not stationary: r = {r:.3g} > {STATIONARITY_THRESHOLD:g}, the net is far from the "
+            "minimizer of mean loss + ½θᵀΛθ that every estimate assumes; estimates of such "
+            f"nets were measured 2-50x the observed gap. Action: {fix}.")
+    if alpha is not None and alpha < ALPHA_THRESHOLD and name in _C_BASED:
+        regimes.append("collapsed_gradients")
+        statements.append(
+            f"Collapsed gradients: α = Tr C/Tr F = {alpha:.3g} < {ALPHA_THRESHOLD:g}, the net "
+            "fits its training labels far more confidently than its own predictions imply "
+            "(memorization), so estimates built on C (this one) shrink while the real gap "
+            "does not. Action: use ApproxLOO, or SoftRankFIM(calibrated=True) to rank models.")
+    if est.approximation_ == "diagonal":
+        regimes.append("upper_bound")
+        statements.append(
+            "Upper bound: the diagonal approximation over-counts the soft rank "
+            "(rank_Λ(diag F) ≥ rank_Λ(F)). Action: use approximation='kfac' or 'exact' for a "
+            "value; the diagonal one can still rank similar models.")
+    if invalid:
+        regimes.append("invalid_loo_steps")
+        statements.append(
+            f"Invalid leave-one-out steps: for {invalid} points the approximate curvature does "
+            "not dominate the point's own term (max eig A_iP_i ≥ 1), so the estimate is "
+            "unreliable. Action: use method='exact' (or 'subsample').")
+    stderr = getattr(est, "stderr_", None)
+    return EstimateSummary(
+        estimator=name, measure=float(est.measure_), gap=est.gap_,
+        stderr=None if stderr is None else float(stderr), train_loss=float(est.train_loss_),
+        n=int(est.n_train_), lam=est.lam_, approximation=str(est.approximation_),
+        alpha=None if alpha is None else float(alpha), stationarity=r, finished=finished,
+        invalid_points=None if invalid is None else int(invalid), regimes=tuple(regimes),
+        statements=tuple(statements))
