@@ -7,7 +7,8 @@ One command reruns everything (resumable: rows already in ``--out`` are kept and
     python benchmarks/bench_selection.py --out benchmarks/results/selection.csv
     python benchmarks/bench_selection.py --out benchmarks/results/selection.csv --report docs/selection
 
-``--report DIR`` writes the summary tables (``DIR/summary.md``) and the figures
+Times are CPU seconds of the (single-threaded) process, ``time.process_time``: the wall time on
+an idle core, and unaffected by other jobs on a shared machine. ``--report DIR`` writes the summary tables (``DIR/summary.md``) and the figures
 (``DIR/regret_by_task.png``, ``DIR/regret_vs_time.png``) from the CSV and copies the CSV to
 ``DIR/selection.csv``.
 
@@ -235,6 +236,7 @@ def run_task(task: Task, seed: int, out: Path, selectors, done: set[str], log=pr
     t0 = time.perf_counter()
     result = compare_selectors(task.net(), task.grid(), X, y, X_test, y_test,
                                selectors=names, random_state=seed, skip=done,
+                               timer=time.process_time,
                                progress=lambda s: log(f"  {task.name} seed {seed}: {s}"))
     oracle = float(result.test_loss[result.oracle])
     rows = [{**{k: r[k] for k in ("selector", "chosen", "params", "test_loss", "regret",
