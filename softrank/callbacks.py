@@ -29,7 +29,12 @@ rises at the onset of memorization, which is what early stopping needs. With a s
 *level* overestimates the test loss; its minimum over the epochs is what counts (measured on
 digits with flipped labels: docs/guide_training_loop.md).
 
-Both follow skorch's conventions: ``__init__`` only stores parameters, state ends in ``_`` and
+* :class:`FinishTraining` — at the end of training, trains the net on to the minimizer of its
+  regularized objective (full-batch L-BFGS, :func:`~softrank.stationarity.finish_training`), so
+  that every estimate made of it afterwards describes the net it is. Unlike the two above, it
+  **changes the net being trained**: that is its purpose.
+
+All follow skorch's conventions: ``__init__`` only stores parameters, state ends in ``_`` and
 is set in ``initialize()``, so ``clone(net)`` is unfitted and GridSearchCV works. Put
 :class:`GapTracker` before anything that reads its columns in ``callbacks=[...]``.
 
@@ -49,8 +54,10 @@ from skorch.callbacks import Callback, EarlyStopping
 from torch.utils.data import Subset
 
 from .estimators import GapEstimator, SoftRankFIM
+from .stationarity import finish_training
 
-__all__ = ["GapTracker", "EstimatedLossEarlyStopping", "default_tracker_measure"]
+__all__ = ["GapTracker", "EstimatedLossEarlyStopping", "FinishTraining",
+           "default_tracker_measure"]
 
 
 def default_tracker_measure() -> SoftRankFIM:
@@ -193,3 +200,61 @@ class EstimatedLossEarlyStopping(EarlyStopping):
         if row["epoch"] <= self.warmup or not np.isfinite(row[self.monitor]):
             return  # warm-up, or an epoch the tracker skipped
         super().on_epoch_end(net, **kwargs)
+
+
+class FinishTraining(Callback):
+    r"""Finish training at its end: full-batch L-BFGS (strong-Wolfe line search) on the
+    training objective :math:`\frac1n\sum_i\ell_i + \frac12\theta^\top\Lambda\theta`, from
+    the trained θ, until the relative stationarity
+    :math:`r = \|\nabla(\cdot)\|/\|\Lambda\theta\|` is at most ``tol``
+    (:func:`~softrank.stationarity.finish_training`, on the data the net trained on in its last
+    epoch).
+
+    **This callback changes the net being trained**: the finished parameters are written into
+    ``net.module_`` at ``on_train_end``, so that the net — and every gap estimate made of it —
+    is the minimizer the estimates assume. The optimizer state is left as it was. Finishing
+    erases what early stopping or the learning rate did beyond Λ; use it when the net serves
+    to compare Λ or architectures by an estimate, not to keep an early-stopped net as it is.
+
+    Parameters
+    ----------
+    lam : 'auto', float or dict
+        :math:`\Lambda` ('auto': the optimizer's ``weight_decay``).
+    tol, max_iter, history_size, batch_size :
+        As for :func:`~softrank.stationarity.finish_training`.
+
+    Attributes
+    ----------
+    result_ : FinishResult or None
+        What the last finishing did (iterations, r and loss before and after).
+    """
+
+    def __init__(self, *, lam="auto", tol: float = 1e-3, max_iter: int = 500,
+                 history_size: int = 20, batch_size=None):
+        self.lam = lam
+        self.tol = tol
+        self.max_iter = max_iter
+        self.history_size = history_size
+        self.batch_size = batch_size
+
+    def initialize(self):
+        self.result_ = None
+        self._data = None
+        return self
+
+    def on_epoch_end(self, net, dataset_train=None, **kwargs):
+        self._data = dataset_train  # the data of the last epoch (train_split applied)
+
+    def on_train_end(self, net, X=None, y=None, **kwargs):
+        if self._data is None:
+            return  # no epoch ran
+        Xt, yt = training_arrays(self._data)
+        self._data = None
+        result = finish_training(net, Xt, yt, lam=self.lam, tol=self.tol,
+                                 max_iter=self.max_iter, history_size=self.history_size,
+                                 batch_size=self.batch_size)
+        finished = dict(result.estimator.module_.named_parameters())
+        with torch.no_grad():
+            for name, p in net.module_.named_parameters():
+                p.copy_(finished[name])
+        self.result_ = result

@@ -34,6 +34,7 @@ For ``memory_budget``, list the curvatures ``_measure`` builds in ``_memory_plan
 """
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager
 from numbers import Integral
 
@@ -57,6 +58,9 @@ from .memory import (MemoryEstimate, check_loo_memory, check_memory, estimate_lo
                      estimate_memory, parse_bytes)
 from .model import ModelData
 from .regularization import as_lam
+from .stationarity import (STATIONARITY_THRESHOLD, NotStationaryWarning, finish_training,
+                           relative_stationarity)
+from ._warnings import ReissuedWarnings, warn
 
 __all__ = ["GapEstimator", "SoftRankFIM", "TIC", "TraceRatio", "HessianNorm", "ApproxLOO"]
 
@@ -124,6 +128,29 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         and raises a :class:`MemoryError` naming the approximation, the estimate, the budget and
         the approximations that would fit. None (default): no check.
         :meth:`estimate_memory` lists the estimates in advance.
+    finish : bool or dict
+        Every estimate assumes the net sits at the minimizer of its training objective
+        :math:`\\frac1n\\sum_i\\ell_i + \\frac12\\theta^\\top\\Lambda\\theta`. True: measure a
+        finished copy instead — :func:`softrank.stationarity.finish_training` (full-batch
+        L-BFGS on that objective from the trained θ, on the fit data, with this estimator's
+        ``lam``, ``params`` and ``device``); a dict passes its options (``tol``, ``max_iter``,
+        ``history_size``, ``batch_size``). ``estimator_`` is then the finished net and
+        ``predict`` uses it; the net given is not changed. Finish when the estimates serve to
+        choose Λ or an architecture; the finished net is not the net as trained (finishing
+        undoes what early stopping and the learning rate did).
+
+    Attributes (besides those of each estimator)
+    --------------------------------------------
+    stationarity_ : float or None
+        Relative stationarity :math:`r = \\|\\nabla(\\frac1n\\sum_i\\ell_i +
+        \\frac12\\theta^\\top\\Lambda\\theta)\\|/\\|\\Lambda\\theta\\|` of the measured net on the
+        fit data (one gradient pass; 0 at the minimizer). None when there is no Λ (an estimator
+        without ``lam`` on a net trained without weight decay). Above
+        :data:`softrank.stationarity.STATIONARITY_THRESHOLD` ``fit`` warns with
+        :class:`~softrank.stationarity.NotStationaryWarning`.
+    finish_result_ : FinishResult or None
+        What finishing did (iterations, r and loss before and after), or None without
+        ``finish``.
     """
 
     _needs_lam = True
@@ -146,6 +173,7 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         if budget is not None and (isinstance(budget, bool) or parse_bytes(budget) <= 0):
             raise ValueError(f"memory_budget must be a positive number of bytes, a string such "
                              f"as '2GB', or None; got {budget!r}")
+        finish_options(getattr(self, "finish", False))
         lam = getattr(self, "lam", None)
         if isinstance(lam, str) and lam != "auto":
             raise ValueError("lam must be 'auto', a positive float, a dict or a tensor; "
@@ -243,9 +271,23 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         Returns self, with ``measure_``, ``gap_``, ``train_loss_``, ``lam_``, ``n_train_``,
         ``approximation_``, ``result_``, ``stderr_``, ``estimator_``, ``n_features_in_`` (and
         ``classes_`` for classifiers) set."""
+        with ReissuedWarnings():  # every warning of the measurement points at the caller
+            return self._fit(X, y)
+
+    def _fit(self, X, y):
         self._check_params()
         self._y_1d = y is not None and np.asarray(y).ndim == 1
         est, X, y = self._fit_estimator(X, y)
+        lam_option = getattr(self, "lam", "auto")
+        options = finish_options(getattr(self, "finish", False))
+        finished = None
+        if options is not None:
+            finished = finish_training(est, X, y, lam=lam_option, params=self.params,
+                                       device=self.device, **options)
+            est = finished.estimator
+            stationarity = finished.stationarity_after
+        else:
+            stationarity = self._stationarity(est, X, y, lam_option)
         Xt, y, net = self._labelled(est, X, y, reset=True)
         self._check_criterion(net)
         n_train, source = sk.n_trained(net, Xt, y)
@@ -270,10 +312,29 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         self.n_samples_fit_ = len(Xt)
         self.approximation_ = result.approximation
         self.stderr_ = result.diagnostics.get("stderr")
+        self.stationarity_ = stationarity
+        self.finish_result_ = finished
+        if stationarity is not None and stationarity > STATIONARITY_THRESHOLD:
+            warn(not_stationary_message(type(self).__name__, stationarity, finished),
+                 NotStationaryWarning)
         if sk.net_kind(net) in ("classifier", "binary"):
             self.classes_ = sk.classes_of(net, md.n_outputs)
         self._after_fit(md, Xc)
         return self
+
+    def _stationarity(self, est, X, y, lam) -> float | None:
+        """r of ``est`` on the fit data; None when there is no Λ to measure it against (no
+        ``lam`` and no weight decay in the optimizer)."""
+        if not self._needs_lam and _is_auto(lam):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    return relative_stationarity(est, X, y, params=self.params,
+                                                 batch_size=self.batch_size, device=self.device)
+            except ValueError:
+                return None
+        return relative_stationarity(est, X, y, lam=lam, params=self.params,
+                                     batch_size=self.batch_size, device=self.device)
 
     def _measure(self, md, lam) -> MeasureResult:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -387,6 +448,42 @@ def _is_auto(lam) -> bool:
     return isinstance(lam, str) and lam == "auto"
 
 
+_FINISH_KEYS = ("tol", "max_iter", "history_size", "batch_size")
+
+
+def finish_options(finish) -> dict | None:
+    """The options of :func:`~softrank.stationarity.finish_training` that ``finish`` asks for
+    (None: do not finish)."""
+    if finish is False or finish is None:
+        return None
+    if finish is True:
+        return {}
+    if isinstance(finish, dict):
+        unknown = sorted(set(finish) - set(_FINISH_KEYS))
+        if unknown:
+            raise ValueError(f"finish has unknown options {unknown}; allowed: {list(_FINISH_KEYS)}"
+                             " (lam, params and device are the estimator's own)")
+        return dict(finish)
+    raise ValueError(f"finish must be True, False or a dict of finish_training options "
+                     f"{list(_FINISH_KEYS)}; got {finish!r}")
+
+
+def not_stationary_message(name: str, r: float, finished=None) -> str:
+    """What a :class:`~softrank.stationarity.NotStationaryWarning` says."""
+    where = ("the finished net is still" if finished is not None else "the measured net is")
+    text = (f"{name}: {where} far from the minimizer of its training objective mean loss + "
+            f"½θᵀΛθ: relative stationarity r = {r:.3g} > {STATIONARITY_THRESHOLD:g} (the "
+            "objective's gradient against the regularizer's pull Λθ; 0 at the minimizer). "
+            "Every gap estimate assumes that minimizer; on nets this far from it they were "
+            "measured 2-50x the observed gap. ")
+    if finished is not None:
+        return text + (f"Finishing stopped after {finished.n_iter} iterations: raise "
+                       "finish={'max_iter': ...} or 'tol'.")
+    return text + ("Pass finish=True to measure the net finished to that minimizer (L-BFGS; "
+                   "the estimate then describes the finished net, not the one as trained), "
+                   "or train it to convergence yourself (full batch, decaying learning rate).")
+
+
 class SoftRankFIM(TransformerMixin, GapEstimator):
     r"""Soft rank of the Fisher :math:`\mathrm{rank}_\Lambda(F) = \mathrm{Tr}\,F(F+\Lambda)^{-1}`
     and the soft-rank gap estimate (Shoham, Mor-Yosef & Avron, 2025):
@@ -408,7 +505,8 @@ class SoftRankFIM(TransformerMixin, GapEstimator):
 
     def __init__(self, estimator, *, lam="auto", approximation="exact", calibrated=False,
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto", memory_budget=None):
+                 params=None, prefit="auto", memory_budget=None,
+                 finish=False):
         self.estimator = estimator
         self.lam = lam
         self.approximation = approximation
@@ -420,6 +518,7 @@ class SoftRankFIM(TransformerMixin, GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.finish = finish
 
     def _memory_plan(self, md):
         # F, then the exact traces of C and F (diagonals) of the trace ratio α
@@ -481,7 +580,8 @@ class TIC(GapEstimator):
 
     def __init__(self, estimator, *, lam="auto", approximation="exact", variant="fisher",
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto", memory_budget=None):
+                 params=None, prefit="auto", memory_budget=None,
+                 finish=False):
         self.estimator = estimator
         self.lam = lam
         self.approximation = approximation
@@ -493,6 +593,7 @@ class TIC(GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.finish = finish
 
     @property
     def _requires_fisher(self):
@@ -524,7 +625,8 @@ class TraceRatio(GapEstimator):
     _needs_lam = False
 
     def __init__(self, estimator, *, n_curvature_samples=None, batch_size=256, random_state=None,
-                 device=None, params=None, prefit="auto", memory_budget=None):
+                 device=None, params=None, prefit="auto", memory_budget=None,
+                 finish=False):
         self.estimator = estimator
         self.n_curvature_samples = n_curvature_samples
         self.batch_size = batch_size
@@ -533,6 +635,7 @@ class TraceRatio(GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.finish = finish
 
     def _memory_plan(self, md):
         return [("diagonal", "gsm", {}), ("diagonal", "fisher", {})]
@@ -558,7 +661,8 @@ class HessianNorm(GapEstimator):
 
     def __init__(self, estimator, *, ord="trace", approximation="exact",
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto", memory_budget=None):
+                 params=None, prefit="auto", memory_budget=None,
+                 finish=False):
         self.estimator = estimator
         self.ord = ord
         self.approximation = approximation
@@ -569,6 +673,7 @@ class HessianNorm(GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.finish = finish
 
     def _check_params(self):
         super()._check_params()
@@ -629,7 +734,8 @@ class ApproxLOO(GapEstimator):
 
     def __init__(self, estimator, *, lam="auto", method="exact", n_points=None,
                  n_curvature_samples=None, batch_size=256, random_state=None, device=None,
-                 params=None, prefit="auto", memory_budget=None):
+                 params=None, prefit="auto", memory_budget=None,
+                 finish=False):
         self.estimator = estimator
         self.lam = lam
         self.method = method
@@ -641,6 +747,7 @@ class ApproxLOO(GapEstimator):
         self.params = params
         self.prefit = prefit
         self.memory_budget = memory_budget
+        self.finish = finish
 
     def _check_params(self):
         super()._check_params()
