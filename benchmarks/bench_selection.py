@@ -46,6 +46,11 @@ from softrank.selection import BASELINES, SELECTORS, compare_selectors  # noqa: 
 DATA_ROOT = REPO_ROOT.parent / "shared" / "data"
 WEIGHT_DECAYS = [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]
 WIDTHS = [16, 64]
+#: finished variants run (finishing each candidate costs up to 500 full-batch L-BFGS steps,
+#: more than training it: only these)
+FINISHED = ("SoftRankFIM kfac, α·rank/n", "ApproxLOO kfac", "ApproxLOO exact")
+DEFAULT_SELECTORS = ([n for n, s in SELECTORS.items() if not s.finish]
+                     + [f"{n}, finished" for n in FINISHED if f"{n}, finished" in SELECTORS])
 COLUMNS = ["task", "seed", "selector", "chosen", "params", "test_loss", "oracle_test_loss",
            "regret", "picked_oracle", "time_s", "grid_time_s", "time_rel", "n_train",
            "n_candidates", "bayes_risk"]
@@ -255,8 +260,10 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", nargs="*", default=None,
                    help="task names (default: all); 'tiny' = a seconds-long digits task")
     p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
-    p.add_argument("--selectors", nargs="*", default=None,
-                   help=f"in-sample selectors (default: all that fit): {list(SELECTORS)}")
+    p.add_argument("--selectors", nargs="*", default=DEFAULT_SELECTORS,
+                   help="in-sample selectors (default: every one on nets as trained, and "
+                        f"{FINISHED} finished; the exact ones only where they fit): "
+                        f"{list(SELECTORS)}")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report", type=Path, default=None,
                    help="write summary.md, the figures and selection.csv into this folder")
@@ -330,6 +337,30 @@ def format_summary(stats, task_names) -> str:
     return "\n".join(lines)
 
 
+def format_overview(stats, task_names) -> str:
+    """Two Markdown tables: every selector over all tasks (with its time as a fraction of
+    5-fold CV's), and its mean regret per task."""
+    cv = stats.get(("all tasks", "5-fold CV"), {}).get("time_rel", np.nan)
+    lines = ["| selector | mean regret | worst regret | picks the oracle's | time / grid "
+             "| time / 5-fold CV |", "|---|---|---|---|---|---|"]
+    for sel in _order(stats):
+        st = stats.get(("all tasks", sel))
+        if st is not None:
+            lines.append(f"| {sel} | {st['mean']:.4f} | {st['worst']:.4f} | "
+                         f"{st['oracle']:.0%} | {st['time_rel']:.2f} | "
+                         f"{st['time_rel'] / cv:.2f} |")
+    tasks_only = [t for t in task_names if t != "all tasks"]
+    lines += ["", "| selector | " + " | ".join(tasks_only) + " |",
+              "|---|" + "---|" * len(tasks_only)]
+    for sel in _order(stats):
+        cells = [f"{stats[t, sel]['mean']:.4f}" if (t, sel) in stats else "—"
+                 for t in tasks_only]
+        lines.append(f"| {sel} | " + " | ".join(cells) + " |")
+    seeds = {t: stats.get((t, "oracle"), {}).get("seeds", 0) for t in tasks_only}
+    lines += ["", "Seeds per task: " + ", ".join(f"{t} {k}" for t, k in seeds.items()) + "."]
+    return "\n".join(lines)
+
+
 def plot_regret_by_task(stats, task_names, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -388,12 +419,13 @@ def write_report(csv_path: Path, folder: Path) -> None:
     rows = read_rows(csv_path)
     folder.mkdir(parents=True, exist_ok=True)
     stats, task_names = summarize(rows)
-    (folder / "summary.md").write_text(format_summary(stats, task_names))
+    (folder / "summary.md").write_text(format_overview(stats, task_names) + "\n\n"
+                                       + format_summary(stats, task_names))
     plot_regret_by_task(stats, task_names, folder / "regret_by_task.png")
     plot_regret_vs_time(stats, folder / "regret_vs_time.png")
     if csv_path.resolve() != (folder / "selection.csv").resolve():
         shutil.copyfile(csv_path, folder / "selection.csv")
-    print(format_summary(stats, ["all tasks"]))
+    print(format_overview(stats, task_names))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def test_invariants(run):
     for r in rows:
         regret, loss = float(r["regret"]), float(r["test_loss"])
         assert math.isclose(regret, loss - float(r["oracle_test_loss"]), abs_tol=1e-12)
-        if r["selector"] != "holdout 80/20":   # the only final model not among the candidates
+        if r["selector"] != "holdout 80/20":   # the one final model not among the candidates
             assert regret >= 0.0, r
             assert r["picked_oracle"] != "True" or regret == 0.0, r
         if r["selector"] != "oracle":
