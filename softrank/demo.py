@@ -290,5 +290,8 @@ def main(args: argparse.Namespace | None = None) -> int:
     if args.csv:
         write_csv(args.csv, rows)
         print(f"table written to {args.csv}")
+    if not args.quick:  # choosing a model: softrank vs 5-fold CV vs an 80/20 holdout
+        from .selection import run_selection_demo
+        run_selection_demo(seed=args.seed)
     print(f"time: {time.perf_counter() - t0:.1f} s")
     return 0
