@@ -83,7 +83,8 @@ class ModelData:
     module : nn.Module
         The trained network. A private copy in evaluation mode is used.
     criterion : nn.Module
-        The loss the network was trained with (SPEC §3 family table, or any other).
+        The loss the network was trained with (a criterion of the family table, or any
+        other twice-differentiable one; options such as ``ignore_index`` are honoured).
     X, y : array-like or tensors
         The data (training data for the measures). ``y`` may be None for label-free quantities.
     params : None, list of names, or callable(name, parameter) -> bool
