@@ -319,6 +319,13 @@ class GenericGGN(LossFamily):
                              "labels; pass y")
         hess = torch.func.vmap(torch.func.hessian(
             lambda zi, yi: self.loss(zi.unsqueeze(0), yi.unsqueeze(0)).sum()))(z.detach(), y)
+        bad = ~torch.isfinite(hess).flatten(1).all(1)
+        if bool(bad.any()):
+            raise ValueError(
+                f"the second derivative of {type(self.criterion).__name__} in the network "
+                f"outputs is NaN or inf for {int(bad.sum())} of {len(z)} samples (first: "
+                f"{int(bad.nonzero()[0, 0])} of the batch): the criterion is not twice "
+                "differentiable there, so its GGN is undefined")
         evals, evecs = torch.linalg.eigh(hess)
         return evecs * evals.clamp_min(0).sqrt().unsqueeze(1)
 

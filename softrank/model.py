@@ -159,7 +159,8 @@ class ModelData:
     module : nn.Module
         The trained network. A private copy in evaluation mode is used.
     criterion : nn.Module
-        The loss the network was trained with (a criterion of the family table, or any other).
+        The loss the network was trained with (a criterion of the family table, or any
+        other twice-differentiable one; options such as ``ignore_index`` are honoured).
     X, y : array-like or tensors
         The data (training data for the measures). X may also be a dict of them (e.g. a skorch
         ``SliceDict``), passed to the module as keyword arguments; floating inputs are cast to

@@ -464,7 +464,7 @@ def _reduction_scale(net, md) -> float:
     elements = _loss_elements(md)
     if reduction == "batchmean":
         return 1.0 / elements
-    steps, seen = _steps_per_epoch(net, md)
+    steps, _ = _steps_per_epoch(net, md)
     return steps / (md.n_train * elements)
 
 

@@ -127,6 +127,29 @@ def test_overflowing_curvature_is_refused_with_its_cause():
         curvature(md, "gsm", "diagonal")
 
 
+class SqrtAbsLoss(nn.Module):
+    """Not twice differentiable where z = y (√|z − y|)."""
+
+    reduction = "mean"
+
+    def forward(self, z, y):
+        out = (z - y).abs().sqrt()
+        return out if self.reduction == "none" else out.mean()
+
+
+def test_undefined_second_derivatives_are_refused_with_their_cause():
+    model = nn.Linear(2, 1).double()
+    with torch.no_grad():
+        model.weight.zero_()
+        model.bias.zero_()
+    md = ModelData(model, SqrtAbsLoss(), torch.ones(3, 2, dtype=torch.float64),
+                   torch.tensor([[0.0], [1.0], [2.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="dense 'hessian' matrix contains NaN or inf"):
+        curvature(md, "hessian", "dense")
+    with pytest.raises(ValueError, match="second derivative of SqrtAbsLoss .* 1 of 3"):
+        curvature(md, "fisher", "diagonal")
+
+
 # -- options outside the family table: the generic GGN ---------------------------------------------
 def test_label_smoothing_takes_the_generic_ggn_path():
     X, y = _data(50)

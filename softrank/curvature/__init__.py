@@ -116,8 +116,13 @@ def curvature(md, matrix: str = "fisher", approximation: str = "exact", *,
                                    centered=centered, **options)
     gen = make_generator(random_state, md.device) if matrix == "fisher_mc" else None
     if approximation == "dense":
-        return dense_curvature(md, matrix, generator=gen, mc_samples=mc_samples,
-                               centered=centered, max_params=max_params)
+        M = dense_curvature(md, matrix, generator=gen, mc_samples=mc_samples,
+                            centered=centered, max_params=max_params)
+        if not bool(torch.isfinite(M.M).all()):  # e.g. a criterion whose Hessian is NaN there
+            raise ValueError(f"the dense {matrix!r} matrix contains NaN or inf at finite network "
+                             "outputs: the criterion's second derivatives are undefined or "
+                             "overflow at these parameters")
+        return M
     if matrix == "hessian":
         raise ValueError(f"the Hessian has no {approximation!r} representation (it is not a sum "
                          "of outer products); use approximation='dense' (small p)")
