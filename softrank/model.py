@@ -364,7 +364,7 @@ class ModelData:
             for p in mod.parameters(recurse=False):
                 owners.setdefault(id(p), []).append(mname)
         reasons = [f"parameter {name_of[k]!r} is shared by the modules "
-                   + " and ".join(repr(m) for m in mods)
+                   + " and ".join(repr(m) if m else "the root module" for m in mods)
                    for k, mods in owners.items() if len(mods) > 1 and name_of[k] in selected]
         rules = []
         for mname, mod in self.net.named_modules():
