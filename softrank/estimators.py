@@ -1061,7 +1061,8 @@ class ApproxLOO(GapEstimator):
         'cavity': ``n_points`` random points kept exactly, the other points through EKFAC, and
         each point's leave-one-out step from its cavity
         :math:`J_i(\tilde H - J_i^\top A_iJ_i)^{-1}J_i^\top`, positive semi-definite by
-        construction (no invalid points), memory flat in n, with ``stderr_`` over the points.
+        construction (no invalid points), memory flat in n, with ``stderr_`` over the points
+        (it does not cover EKFAC's bias, which tends to underestimate the gap at small λ).
         'kfac': P_i from the Kronecker factors, any n; it fails on wide or memorizing nets,
         where KFAC spreads a point's own curvature over the layer and many points get
         max eig :math:`A_iP_i \ge 1` (invalid steps: counted and warned about).
