@@ -151,7 +151,7 @@ def summarize(est) -> EstimateSummary:
             f"Collapsed gradients: α = Tr C/Tr F = {alpha:.3g} < {ALPHA_THRESHOLD:g}, the net "
             "fits its training labels far more confidently than its own predictions imply "
             "(memorization), so estimates built on C (this one) shrink while the real gap "
-            "does not. Action: use ApproxLOO, or SoftRankFIM(calibrated=True) to rank models.")
+            "does not. Action: use ApproxLOO, or SoftRankFIM(gap_formula='rank') to rank models.")
     if est.approximation_ == "diagonal":
         regimes.append("upper_bound")
         statements.append(
