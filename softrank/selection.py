@@ -413,7 +413,7 @@ def run_selection_demo(seed: int = 0, n_train: int = 500, max_epochs: int = 20,
     from .datasets import load_digits_split
     from .demo import make_mlp_classifier
 
-    data = load_digits_split(test_size=1 - n_train / 1797, random_state=seed)
+    data = load_digits_split(test_size=1797 - n_train, random_state=seed)  # 1797 digits
     net = make_mlp_classifier(max_epochs=max_epochs)
     grid = {"module__hidden": [16, 64],
             "optimizer__weight_decay": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]}
@@ -433,7 +433,7 @@ def run_selection_demo(seed: int = 0, n_train: int = 500, max_epochs: int = 20,
              f"candidates: width × weight decay; grid trained once in "
              f"{result.grid_time:.1f} s):")
     print_fn(format_comparison(result))
-    print_fn("regret = test loss of the final model − the best candidate's; softrank selects "
-             "by training loss + estimated gap on the training data (GridSearchCV with "
-             "InSampleSplit), no validation split.")
+    print_fn("regret = test loss of the final model − the best candidate's. softrank: "
+             "training loss + estimated gap,\non the training data (GridSearchCV with "
+             "cv=InSampleSplit()), no validation split. Times are wall-clock.")
     return result
