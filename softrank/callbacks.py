@@ -284,6 +284,22 @@ class FinishTraining(Callback):
     ----------
     result_ : FinishResult or None
         What the last finishing did (iterations, r and loss before and after).
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skorch import NeuralNetClassifier
+    >>> from softrank import FinishTraining, relative_stationarity
+    >>> X = np.random.RandomState(0).randn(64, 4).astype(np.float32)
+    >>> y = (X[:, 0] > 0).astype(np.int64)
+    >>> _ = torch.manual_seed(0)
+    >>> finish = FinishTraining(tol=1e-3)
+    >>> net = NeuralNetClassifier(torch.nn.Linear, module__in_features=4, module__out_features=2,
+    ...                           criterion=torch.nn.CrossEntropyLoss, max_epochs=2,
+    ...                           optimizer__weight_decay=1e-2, train_split=None, verbose=0,
+    ...                           callbacks=[finish]).fit(X, y)
+    >>> bool(relative_stationarity(net, X, y) <= 1e-3)
+    True
     """
 
     def __init__(self, *, lam="auto", tol: float = 1e-3, max_iter: int = 500,

@@ -30,7 +30,7 @@ never changed.
 References
 ----------
 J. Nocedal and S. J. Wright, *Numerical Optimization*, 2nd ed., Springer, 2006: L-BFGS
-(§7.2) and the strong Wolfe conditions (§3.1).
+(section 7.2) and the strong Wolfe conditions (section 3.1).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from numbers import Integral, Real
 import torch
 
 from . import skorch_adapter as sk
+from .model import InputDict, call_module, n_rows
 from .regularization import as_lam
 
 __all__ = ["relative_stationarity", "finish_training", "FinishResult", "NotStationaryWarning",
@@ -60,12 +61,31 @@ _FINISH_BATCH = 4096
 
 class NotStationaryWarning(UserWarning):
     """The measured net is far from the minimizer of its training objective (relative
-    stationarity r above :data:`STATIONARITY_THRESHOLD`), which every gap estimate assumes."""
+    stationarity r above :data:`STATIONARITY_THRESHOLD`), which every gap estimate assumes.
+
+    Raised (as a warning, pointing at the caller's line) by every estimator's ``fit``; its
+    message names the two ways out: ``finish=True``, or training to convergence.
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from softrank import NotStationaryWarning
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("error", NotStationaryWarning)  # make it an error
+    ...     issubclass(NotStationaryWarning, UserWarning)
+    True
+    """
 
 
 @dataclass(frozen=True)
 class FinishResult:
-    """Result of :func:`finish_training`.
+    """Result of :func:`finish_training` (a frozen record; its fields are its parameters).
+
+    Parameters
+    ----------
+    estimator, n_iter, n_evaluations, converged, stationarity_before, stationarity_after,
+    loss_before, loss_after, objective_before, objective_after, lam, tol
+        As under Attributes.
 
     Attributes
     ----------
@@ -88,6 +108,16 @@ class FinishResult:
         The :math:`\\Lambda` of the objective (as resolved from ``lam``).
     tol : float
         The tolerance on r.
+
+    Examples
+    --------
+    >>> from softrank import FinishResult
+    >>> r = FinishResult(None, n_iter=3, n_evaluations=4, converged=True,
+    ...                  stationarity_before=12.0, stationarity_after=5e-4, loss_before=0.3,
+    ...                  loss_after=0.25, objective_before=0.4, objective_after=0.31, lam=1e-3,
+    ...                  tol=1e-3)
+    >>> r.converged and r.stationarity_after <= r.tol
+    True
     """
 
     estimator: object
@@ -113,7 +143,7 @@ class _Objective:
                                 device=device)
         md.require_labels("the stationarity of the training objective")
         self.names = md.param_names
-        self.lam = sk.weight_decay_lam(net, self.names) if _is_auto(lam) else lam
+        self.lam = sk.weight_decay_lam(net, self.names, md) if _is_auto(lam) else lam
         L = as_lam(self.lam, self.names, md.sizes)
         self.family = md.family
         transform = md.output_transform
@@ -148,15 +178,13 @@ class _Objective:
             p.grad = None
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         for start in range(0, self.n, self.batch_size):
-            xb = self.X[start:start + self.batch_size].to(self.device)
-            if xb.is_floating_point():
-                xb = xb.double()
-            out = self.module(xb)
+            xb = _as_float64(self.X[start:start + self.batch_size].to(self.device))
+            out = call_module(self.module, xb)
             if isinstance(out, (tuple, list)):
                 out = out[0]
             if self.transform is not None:
                 out = self.transform(out)
-            z = out.reshape(len(xb), -1)
+            z = out.reshape(n_rows(xb), -1)
             target = self.family.prepare_target(
                 self.y[start:start + self.batch_size].to(self.device), z)
             if target.is_floating_point():
@@ -173,6 +201,14 @@ class _Objective:
         loss = float(total) / self.n
         objective = loss + 0.5 * float(theta @ pull)
         return objective, loss, grad, _ratio(float(grad.norm()), float(pull.norm()))
+
+
+def _as_float64(xb):
+    """Floating inputs in float64 (integer ones, e.g. token ids, as they are); a dict of
+    inputs member by member."""
+    if isinstance(xb, dict):
+        return InputDict({k: _as_float64(v) for k, v in xb.items()})
+    return xb.double() if xb.is_floating_point() else xb
 
 
 def _ratio(num: float, den: float) -> float:
@@ -236,6 +272,7 @@ def relative_stationarity(estimator, X, y, *, lam="auto", params=None, batch_siz
     >>> net = NeuralNetClassifier(torch.nn.Linear, module__in_features=4, module__out_features=2,
     ...                           criterion=torch.nn.CrossEntropyLoss, max_epochs=1,
     ...                           optimizer__weight_decay=1e-2, train_split=None, verbose=0)
+    >>> from softrank import relative_stationarity
     >>> r = relative_stationarity(net.fit(X, y), X, y)
     >>> r > 1  # one epoch of SGD: far from the minimizer
     True
@@ -328,6 +365,7 @@ def finish_training(estimator, X, y, *, lam="auto", tol=1e-3, max_iter=500, hist
     >>> net = NeuralNetClassifier(torch.nn.Linear, module__in_features=4, module__out_features=2,
     ...                           criterion=torch.nn.CrossEntropyLoss, max_epochs=1,
     ...                           optimizer__weight_decay=1e-2, train_split=None, verbose=0)
+    >>> from softrank import finish_training
     >>> result = finish_training(net.fit(X, y), X, y)
     >>> result.converged, result.stationarity_after <= 1e-3
     (True, True)

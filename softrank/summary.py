@@ -46,7 +46,16 @@ def _number(v, digits: int = 4) -> str:
 
 @dataclass(frozen=True)
 class EstimateSummary:
-    """A fitted estimator's estimate and the regimes it is in.
+    """A fitted estimator's estimate and the regimes it is in (``estimator.summary()``).
+
+    Printing it gives the estimate with its standard error, n, Λ, the approximation, α, r and
+    one plain statement, with the action to take, per regime the estimate is in.
+
+    Parameters
+    ----------
+    estimator, measure, gap, stderr, train_loss, n, lam, approximation, alpha, stationarity,
+    finished, invalid_points, regimes, statements
+        As under Attributes (built by ``summary()``; not meant to be made by hand).
 
     Attributes
     ----------
@@ -75,6 +84,24 @@ class EstimateSummary:
         'upper_bound', 'invalid_loo_steps').
     statements : tuple of str
         One plain statement with the action to take per regime, in the same order.
+
+    Examples
+    --------
+    >>> import numpy as np, torch
+    >>> from skorch import NeuralNetClassifier
+    >>> from softrank import SoftRankFIM
+    >>> X = np.random.RandomState(0).randn(64, 4).astype(np.float32)
+    >>> y = (X[:, 0] > 0).astype(np.int64)
+    >>> _ = torch.manual_seed(0)
+    >>> net = NeuralNetClassifier(torch.nn.Linear, module__in_features=4, module__out_features=2,
+    ...                           criterion=torch.nn.CrossEntropyLoss, max_epochs=2,
+    ...                           optimizer__weight_decay=1e-2, train_split=None, verbose=0)
+    >>> est = SoftRankFIM(net, finish=True).fit(X, y)
+    >>> summary = est.summary()
+    >>> summary.finished, "not_stationary" in summary.regimes
+    (True, False)
+    >>> print(summary)  # doctest: +ELLIPSIS
+    SoftRankFIM: gap ...
     """
 
     estimator: str
