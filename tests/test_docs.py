@@ -415,3 +415,14 @@ def test_key_comparison_figures_read_at_page_width(tmp_path):
     assert plot_comparison([{"observed_gap": 1.0}], tmp_path / "x.png", "estimators") is None
     with pytest.raises(ValueError, match="must be one of"):
         plot_comparison(rows, tmp_path / "x.png", "nope")
+
+
+def test_no_control_characters_in_text():
+    r"""A TeX command written in a non-raw Python string loses its backslash (``\theta`` becomes
+    a tab and ``heta``, ``\bar`` a backspace): no such control character in the docs or code."""
+    files = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md",
+             *sorted((ROOT / "softrank").rglob("*.py"))]
+    bad = [f"{path.relative_to(ROOT)}:{i}" for path in files
+           for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+           if re.search(r"[\x00-\x08\x0b-\x1f]", line) or (path.suffix == ".md" and "\t" in line)]
+    assert not bad, bad
