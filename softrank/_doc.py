@@ -116,8 +116,9 @@ train_loss_ : float
     Mean loss of the fitted net on the training data X, y (evaluation mode).""",
     "stderr_": """\
 stderr_ : float or None
-    Standard error of ``measure_`` for the stochastic approximations ('matrix_free'), else
-    None.""",
+    Standard error of ``measure_`` where it is estimated stochastically ('matrix_free'
+    approximations; ApproxLOO's 'cavity' and 'subsample' methods, over the sampled points),
+    else None.""",
     "lam_": """\
 lam_ : float, dict, torch.Tensor or None
     The weight decay used (``lam`` resolved; None for measures without λ).""",
@@ -153,7 +154,7 @@ stationarity_ : float or None
     :math:`r = \\|\\nabla(\\frac1n\\sum_i\\ell_i + \\frac12\\theta^\\top\\Lambda\\theta)\\| /
     \\|\\Lambda\\theta\\|` of the measured net on the fit data (one gradient pass; 0 at the
     minimizer every estimate assumes). None when there is no Λ. Above
-    ``softrank.stationarity.STATIONARITY_THRESHOLD`` ``fit`` warns with
+    ``softrank.stationarity.STATIONARITY_THRESHOLD`` (1), ``fit`` warns with
     :class:`softrank.NotStationaryWarning`.""",
     "finish_result_": """\
 finish_result_ : softrank.FinishResult or None

@@ -81,11 +81,16 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="soft_rank: α·rank/n (default) or rank/n")
     p.add_argument("--variant", choices=("fisher", "hessian"), default="fisher",
                    help="tic: M = F or H")
-    p.add_argument("--ord", choices=("trace", "spectral", "frobenius"), default="trace",
-                   help="hessian_norm: which norm")
-    p.add_argument("--method", choices=("exact", "kfac", "subsample"), default="exact",
-                   help="approx_loo: how P_i is computed")
-    p.add_argument("--n-points", type=int, help="approx_loo --method subsample: points")
+    p.add_argument("--ord", choices=("trace", "spectral", "max_eigenvalue", "frobenius"),
+                   default="trace", help="hessian_norm: which norm (or the largest eigenvalue)")
+    p.add_argument("--method", choices=("auto", "exact", "cavity", "kfac", "subsample"),
+                   default="auto", help="approx_loo: how P_i is computed (default auto: exact "
+                   "while it fits in 2 GiB, else cavity)")
+    p.add_argument("--n-points", type=int,
+                   help="approx_loo --method cavity or subsample: points")
+    p.add_argument("--finish", action="store_true",
+                   help="measure the net finished to the minimizer of mean loss + ½θᵀΛθ "
+                   "(full-batch L-BFGS), as every estimate assumes")
     p.add_argument("--n-curvature-samples", type=int,
                    help="estimate the curvature on this many random samples")
     p.add_argument("--batch-size", type=int, default=256, help="samples per batch (256)")
@@ -224,7 +229,8 @@ def make_estimator(net, args):
     return getattr(softrank, name)(
         net, prefit=True, n_curvature_samples=args.n_curvature_samples,
         batch_size=args.batch_size, random_state=args.random_state, device=args.device,
-        memory_budget=args.memory_budget, verbose=not args.no_progress, **kwargs)
+        memory_budget=args.memory_budget, verbose=not args.no_progress, finish=args.finish,
+        **kwargs)
 
 
 def _plain(value):
