@@ -1,6 +1,7 @@
 """torch.optim.LBFGS (strong Wolfe) against scipy's L-BFGS-B on the same float64 objective
 (softrank.stationarity._Objective): final r, objective passes and time, on an MNIST MLP
 784-32-10 trained as softrank.study does (n = 300, Adam lr 2e-3, batch 64, 40 epochs)."""
+from pathlib import Path
 import time
 import numpy as np
 import scipy.optimize
@@ -14,7 +15,7 @@ ITERS = 200
 for wd in (1e-4, 1e-2):
     cfg = TrainConfig(dataset="mnist", width=32, weight_decay=wd, lr=2e-3, epochs=40,
                       n_train=300, n_test=1000)
-    data = load_data(cfg, "/work/shared/data")
+    data = load_data(cfg, str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     net = train_model(cfg, data)
     t = time.perf_counter()
     res = st.finish_training(net, data.X_train, data.y_train, tol=1e-3, max_iter=ITERS)

@@ -1,4 +1,5 @@
 """Probe: finish_training on MNIST MLPs trained as softrank.study does (n=300)."""
+from pathlib import Path
 import sys, time
 import numpy as np, torch
 from softrank.study.grid import TrainConfig
@@ -7,7 +8,7 @@ from softrank.stationarity import finish_training, relative_stationarity
 torch.set_num_threads(1)
 for wd, ep, width in [(1e-4, 40, 32), (1e-2, 40, 32), (1e-4, 2, 32)]:
     cfg = TrainConfig(dataset="mnist", width=width, weight_decay=wd, lr=2e-3, epochs=ep, n_train=300, n_test=1000)
-    data = load_data(cfg, "/work/shared/data")
+    data = load_data(cfg, str(Path(__file__).resolve().parents[2] / "shared" / "data"))
     net = train_model(cfg, data)
     for hs in (20, 100):
         t = time.time()

@@ -13,7 +13,8 @@ from softrank.study.runner import run_study
 p = argparse.ArgumentParser()
 p.add_argument("--grid", default="benchmarks/grids/finish_study.json")
 p.add_argument("--store", default="benchmarks/results/finish_study.sqlite")
-p.add_argument("--data-root", default="/work/shared/data")
+p.add_argument("--data-root", default="../shared/data",
+               help="folder holding mnist/ and fashion_mnist/ (default: ../shared/data)")
 p.add_argument("--n-jobs", type=int, default=1)
 args = p.parse_args()
 _, configs = load_grid(args.grid)
