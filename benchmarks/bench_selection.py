@@ -49,8 +49,12 @@ WIDTHS = [16, 64]
 #: finished variants run (finishing each candidate costs up to 500 full-batch L-BFGS steps,
 #: more than training it: only these)
 FINISHED = ("SoftRankFIM kfac, α·rank/n", "ApproxLOO kfac", "ApproxLOO exact")
-DEFAULT_SELECTORS = ([n for n, s in SELECTORS.items() if not s.finish]
-                     + [f"{n}, finished" for n in FINISHED if f"{n}, finished" in SELECTORS])
+#: measured as trained with the effective Λ as well (lam='effective')
+EFFECTIVE = ("SoftRankFIM kfac, α·rank/n", "SoftRankFIM kfac, rank/n", "ApproxLOO kfac",
+             "ApproxLOO exact")
+DEFAULT_SELECTORS = ([n for n, s in SELECTORS.items() if not s.finish and not s.effective]
+                     + [f"{n}, finished" for n in FINISHED if f"{n}, finished" in SELECTORS]
+                     + [f"{n}, effective Λ" for n in EFFECTIVE])
 COLUMNS = ["task", "seed", "selector", "chosen", "params", "test_loss", "oracle_test_loss",
            "regret", "picked_oracle", "time_s", "grid_time_s", "time_rel", "n_train",
            "n_candidates", "bayes_risk"]

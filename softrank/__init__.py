@@ -27,6 +27,8 @@ _EXPORTS = {
     "FinishTraining": ".callbacks", "EstimateSummary": ".summary",
     "relative_stationarity": ".stationarity", "finish_training": ".stationarity",
     "FinishResult": ".stationarity", "NotStationaryWarning": ".stationarity",
+    "effective_lam": ".effective", "EffectiveLam": ".effective",
+    "InitialParameters": ".effective",
     "leverage_scores": ".influence", "tic_contributions": ".influence",
     "rank_samples": ".influence",
 }

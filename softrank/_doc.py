@@ -40,12 +40,16 @@ estimator : skorch net or Pipeline ending in one
     stay bit-identical). Wrap it in :class:`sklearn.frozen.FrozenEstimator` to keep it fitted
     through ``clone``.""",
     "lam": """\
-lam : 'auto', float, dict or torch.Tensor, default='auto'
+lam : 'auto', 'effective', float, dict, torch.Tensor or EffectiveLam, default='auto'
     The weight decay :math:`\\Lambda` of the training objective
     :math:`\\frac1n\\sum_i\\ell_i + \\frac12\\theta^\\top\\Lambda\\theta` (in the units of the
     mean loss per unit squared parameter). 'auto': read from the net's optimizer
-    (``weight_decay`` of each parameter group); a float: the same λ > 0 for every parameter;
-    a dict {parameter name: float}; or a tensor of shape (p,) with one λ per parameter.""",
+    (``weight_decay`` of each parameter group); 'effective': the weight decay plus the
+    regularization the training budget imposed, read from the optimizer's state for the net
+    as trained (:func:`~softrank.effective_lam` with its defaults; a model of the training
+    run, see the stationarity guide); a float: the same λ > 0 for every parameter; a dict
+    {parameter name: float}; a tensor of shape (p,) with one λ per parameter; or an
+    :class:`~softrank.EffectiveLam`.""",
     "approximation": """\
 approximation : {'exact', 'dense', 'gram', 'diagonal', 'kfac', 'ekfac', 'matrix_free'}, \
 default='exact'

@@ -61,6 +61,7 @@ from .measures import (HESSIAN_ORDS, MeasureResult, hessian_norms, soft_rank_gap
 from .memory import (MemoryEstimate, check_loo_memory, check_memory, estimate_loo_memory,
                      estimate_memory, parse_bytes)
 from .model import ModelData
+from .effective import EffectiveLam, effective_lam
 from .regularization import as_lam
 from .stationarity import (STATIONARITY_THRESHOLD, NotStationaryWarning, finish_training,
                            relative_stationarity)
@@ -253,10 +254,10 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         idx = np.sort(check_random_state(self.random_state).choice(len(X), m, replace=False))
         return X[idx], y[idx]
 
-    def _resolve_lam(self, net, md):
+    def _resolve_lam(self, net, md, lam_option):
         if not self._needs_lam:
             return None
-        lam = sk.weight_decay_lam(net, md.param_names, md) if _is_auto(self.lam) else self.lam
+        lam = sk.weight_decay_lam(net, md.param_names, md) if _is_auto(self.lam) else lam_option
         as_lam(lam, md.param_names, md.sizes)  # clear error for λ ≤ 0, unknown names, shapes
         return lam
 
@@ -295,6 +296,9 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         Xt, yt, net = self._labelled(est, X, y, reset=True)
         self._check_criterion(net)
         lam_option = getattr(self, "lam", "auto")
+        if _is_effective(lam_option):
+            lam_option = effective_lam(est, X, y, params=self.params, batch_size=self.batch_size,
+                                       device=self.device)
         options = finish_options(getattr(self, "finish", False))
         finished = None
         if options is not None:
@@ -313,7 +317,7 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         # before any data pass: against memory_budget, or the memory available now
         self._memory_estimates(md, getattr(self, "memory_budget", None), check=True)
         train_loss = sk.mean_loss(full)
-        lam = self._resolve_lam(net, md)
+        lam = self._resolve_lam(net, md, lam_option)
         with progress(getattr(self, "verbose", False)):
             result = self._measure(md, lam)
 
@@ -331,7 +335,7 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         self.stationarity_ = stationarity
         self.finish_result_ = finished
         if stationarity is not None and stationarity > STATIONARITY_THRESHOLD:
-            warn(not_stationary_message(type(self).__name__, stationarity, finished),
+            warn(not_stationary_message(type(self).__name__, stationarity, finished, lam),
                  NotStationaryWarning)
         if sk.net_kind(net) in ("classifier", "binary"):
             self.classes_ = sk.classes_of(net, md.n_outputs)
@@ -474,12 +478,13 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         return self._delegate("predict_proba", X)
 
 
-_LAM_KINDS = "'auto', a positive float, a dict {parameter name: positive float} or a (p,) tensor"
+_LAM_KINDS = ("'auto', 'effective', a positive float, a dict {parameter name: positive float}, "
+              "a (p,) tensor or softrank.effective_lam(...)")
 
 
 def _check_lam(lam) -> None:
     """The form of ``lam`` (its values are checked against the parameters in ``fit``)."""
-    if _is_auto(lam):
+    if _is_auto(lam) or _is_effective(lam) or isinstance(lam, EffectiveLam):
         return
     if lam is None or isinstance(lam, (bool, str)):
         raise (ValueError if isinstance(lam, str) else TypeError)(
@@ -546,6 +551,10 @@ def _is_auto(lam) -> bool:
     return isinstance(lam, str) and lam == "auto"
 
 
+def _is_effective(lam) -> bool:
+    return isinstance(lam, str) and lam == "effective"
+
+
 _FINISH_KEYS = ("tol", "max_iter", "history_size", "batch_size")
 
 
@@ -566,14 +575,18 @@ def finish_options(finish) -> dict | None:
                      f"{list(_FINISH_KEYS)}; got {finish!r}")
 
 
-def not_stationary_message(name: str, r: float, finished=None) -> str:
+def not_stationary_message(name: str, r: float, finished=None, lam=None) -> str:
     """What a :class:`~softrank.stationarity.NotStationaryWarning` says."""
     where = ("the finished net is still" if finished is not None else "the measured net is")
-    text = (f"{name}: {where} far from the minimizer of its training objective mean loss + "
-            f"½θᵀΛθ: relative stationarity r = {r:.3g} > {STATIONARITY_THRESHOLD:g} (the "
-            "objective's gradient against the regularizer's pull Λθ; 0 at the minimizer). "
-            "Every gap estimate assumes that minimizer; on nets this far from it they were "
-            "measured 2-50x the observed gap. ")
+    objective = "training objective mean loss + ½θᵀΛθ"
+    if isinstance(lam, EffectiveLam):
+        objective = ("effective objective (mean loss + ½θᵀΛθ with the effective Λ, pulling "
+                     + ("toward the initial parameters)" if lam.center is not None else
+                        "toward 0: θ₀ unknown, record it with softrank.InitialParameters)"))
+    text = (f"{name}: {where} far from the minimizer of its {objective}: relative stationarity "
+            f"r = {r:.3g} > {STATIONARITY_THRESHOLD:g} (the objective's gradient against the "
+            "regularizer's pull; 0 at the minimizer). Every gap estimate assumes that "
+            "minimizer; on nets this far from it they were measured 2-50x the observed gap. ")
     if finished is not None:
         return text + (f"Finishing stopped after {finished.n_iter} iterations: raise "
                        "finish={'max_iter': ...} or 'tol'.")

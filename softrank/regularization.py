@@ -9,7 +9,7 @@ per-tensor value can say so clearly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Real
 
 import torch
@@ -24,6 +24,8 @@ class Lam:
     vector: torch.Tensor  # (p,) float64, > 0
     scalar: float | None  # set when Λ = λ I
     per_tensor: tuple[float, ...] | None  # set when Λ is constant on each parameter tensor
+    #: (p,) float64 point the penalty ½(θ − c)ᵀΛ(θ − c) pulls toward; None: the origin
+    center: torch.Tensor | None = None
 
     def tensor_values(self, what: str) -> tuple[float, ...]:
         if self.per_tensor is None:
@@ -50,6 +52,17 @@ def as_lam(lam, names: list[str], sizes: list[int]) -> Lam:
     """Validate ``lam`` (float, dict name→float, or (p,) tensor) against a parameter layout."""
     if isinstance(lam, Lam):
         return lam
+    from .effective import EffectiveLam
+
+    if isinstance(lam, EffectiveLam):
+        if list(lam.param_names) != list(names):
+            raise ValueError("this effective Λ was computed for parameters "
+                             f"{list(lam.param_names)}, but the measured ones are {names}; "
+                             "compute it with the same params=")
+        return replace(as_lam(lam.lam, names, sizes), center=lam.center)
+    if isinstance(lam, str):
+        raise ValueError(f"lam={lam!r} is resolved by the estimators; here pass a positive "
+                         "number, a dict, a tensor or softrank.effective_lam(...)")
     p = sum(sizes)
     if isinstance(lam, bool) or lam is None:
         raise TypeError(f"lam must be a positive number, a dict or a tensor; got {lam!r}")

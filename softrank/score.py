@@ -38,12 +38,13 @@ _NETS = {"classifier": "NeuralNetClassifier", "binary": "NeuralNetBinaryClassifi
 
 
 def _lam(text: str):
-    if text == "auto":
+    if text in ("auto", "effective"):
         return text
     try:
         return float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--lam must be 'auto' or a number; got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"--lam must be 'auto', 'effective' or a number; got {text!r}")
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

@@ -84,17 +84,23 @@ class Selector:
         measuring it (``finish=True`` of the estimator). The candidate given is not changed;
         the final model is then the *finished* chosen candidate, as ``best_estimator_`` of
         the search predicts with it.
+    effective : bool
+        Measure each candidate as trained with its effective Λ (``lam='effective'``: the weight
+        decay plus the regularization its training budget imposed, from the optimizer state).
     """
 
     name: str
     make: Callable[[int | None], GapEstimator]
     exact: bool = False
     finish: bool = False
+    effective: bool = False
 
     def estimator(self, random_state=None) -> GapEstimator:
         est = self.make(random_state)
         if self.finish:
             est.set_params(finish=True)
+        if self.effective:
+            est.set_params(lam="effective")
         return est
 
 
@@ -127,10 +133,14 @@ def _registry() -> dict[str, Selector]:
     if _finish_supported():
         for s in base:
             out[s.name + ", finished"] = Selector(s.name + ", finished", s.make, s.exact, True)
+    for s in base:
+        out[s.name + ", effective Λ"] = Selector(s.name + ", effective Λ", s.make, s.exact,
+                                                 effective=True)
     return out
 
 
-#: every in-sample selector by name ("…, finished" variants where finishing is available)
+#: every in-sample selector by name ("…, finished" variants where finishing is available;
+#: "…, effective Λ" variants measure the nets as trained with ``lam='effective'``)
 SELECTORS: dict[str, Selector] = _registry()
 
 

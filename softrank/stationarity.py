@@ -159,6 +159,7 @@ class _Objective:
         self.params = [named[n] for n in self.names]
         self.device = md.device
         self.lam_vector = L.vector.to(self.device)
+        self.center = None if L.center is None else L.center.to(self.device)
         self.X, self.y, self.n = md.X, md.y, md.n
         self.batch_size = md.batch_size
         self.n_evaluations = 0
@@ -194,6 +195,8 @@ class _Objective:
             total += batch_loss.detach()
         self.n_evaluations += 1
         theta = self.theta()
+        if self.center is not None:
+            theta = theta - self.center
         pull = self.lam_vector * theta
         grad = torch.cat([torch.zeros(p.numel(), dtype=torch.float64, device=self.device)
                           if p.grad is None else p.grad.reshape(-1) for p in self.params])
