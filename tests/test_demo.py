@@ -71,7 +71,7 @@ def test_quick_demo_prints_taus_computed_from_its_table(quick_run):
 
 
 def test_sections_are_one_function_each():
-    rows = [{c: 1.0 for c in demo.columns()} | {"model": "m", "n": 3, "warnings": []}]
+    rows = [{c: 1.0 for c in demo.csv_columns()} | {"model": "m", "n": 3, "warnings": []}]
     taus = {c: 0.5 for c, _, _ in demo.MEASURES}
     text = demo.format_table(rows, taus)
     assert text.split("\n\n") == ["\n".join(f(rows, taus)) for f in demo.SECTIONS]
@@ -91,6 +91,31 @@ def test_quick_demo_csv_matches_the_printed_table(quick_run):
         values = [float(r[name]) for r in table]
         assert values == pytest.approx([r[name] for r in rows], rel=5e-4)
         assert tau == pytest.approx(kendalltau(values, gaps).statistic, abs=5e-5)
+
+
+AS_TRAINED_LINE = re.compile(r"^\s+lam='(?P<lam>\w+)'\s+median (?P<median>[\d.]+)x \(range "
+                             r".*\), within 2x on (?P<within>\d+) of (?P<n>\d+), "
+                             r"tau (?P<tau>[+-]\d\.\d{4})$")
+
+
+def test_quick_demo_as_trained_section_is_computed_from_its_csv(quick_run):
+    """The as-trained lines (median ratio, count within 2x, τ) recomputed from the CSV."""
+    import numpy as np
+
+    _, out, _, path = quick_run
+    found = {m["lam"]: m for m in map(AS_TRAINED_LINE.match, out.splitlines()) if m}
+    assert set(found) == {"auto", "effective"}
+    with open(path) as f:
+        table = list(csv.DictReader(f))
+    gaps = np.array([float(r["gap_as_trained"]) for r in table])
+    for column, lam in demo.AS_TRAINED:
+        est = np.array([float(r[column]) for r in table])
+        ratio = est / gaps
+        line = found[lam]
+        assert float(line["median"]) == pytest.approx(np.median(ratio), rel=1e-3)
+        assert int(line["within"]) == int(np.sum((ratio >= 0.5) & (ratio <= 2)))
+        assert int(line["n"]) == len(table)
+        assert float(line["tau"]) == pytest.approx(kendalltau(est, gaps).statistic, abs=5e-5)
 
 
 def test_entry_points():
