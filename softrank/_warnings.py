@@ -37,7 +37,10 @@ def warn(message, category=UserWarning) -> None:
 
 class ReissuedWarnings:
     """Context manager: collect the warnings raised inside the block and raise them again on
-    exit, each once, attributed to the user's line (the first frame outside softrank)."""
+    exit, each once: softrank's own attributed to the user's line (the first frame outside
+    softrank); those of other libraries (torch, scikit-learn...) where they were raised, so
+    that the filters apply to them as if they had not been caught (a torch
+    ``DeprecationWarning`` stays hidden by Python's default filters)."""
 
     def __enter__(self):
         self._catcher = warnings.catch_warnings(record=True)
@@ -53,5 +56,8 @@ class ReissuedWarnings:
             key = (str(w.message), w.category)
             if key not in seen:  # the same warning from two passes over one net: once
                 seen.add(key)
-                warnings.warn(w.message, w.category, stacklevel=_stacklevel(frame))
+                if os.path.abspath(w.filename).startswith(_PACKAGE):
+                    warnings.warn(w.message, w.category, stacklevel=_stacklevel(frame))
+                else:
+                    warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return False

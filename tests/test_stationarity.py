@@ -241,6 +241,38 @@ def test_library_warnings_point_at_the_callers_line(data):
     assert record and all(w.filename == __file__ for w in record)
 
 
+class _DeprecatedForward(TanhMLP):
+    """A module whose forward raises a DeprecationWarning, as third-party code does."""
+
+    def forward(self, X):
+        warnings.warn("an old API", DeprecationWarning)  # the line the warning belongs to
+        return super().forward(X)
+
+
+def test_other_libraries_warnings_keep_their_origin(data):
+    """Warnings raised outside softrank during fit are not re-attributed to the caller's line
+    (which would make Python's default filters show a third party's DeprecationWarning)."""
+    import inspect
+
+    X, y = data
+    torch.manual_seed(0)
+    net = NeuralNetClassifier(_DeprecatedForward, module__dtype=F64,
+                              criterion=nn.CrossEntropyLoss, optimizer__weight_decay=1e-2,
+                              max_epochs=1, train_split=None, verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net.fit(X, y)
+    source, first = inspect.getsourcelines(_DeprecatedForward.forward)
+    line = first + next(i for i, text in enumerate(source) if "warnings.warn" in text)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        SoftRankFIM(net, prefit=True).fit(X, y)
+    deprecations = [w for w in record if w.category is DeprecationWarning]
+    assert deprecations and all(w.lineno == line for w in deprecations)
+    stationarity = [w for w in record if w.category is NotStationaryWarning]
+    assert stationarity and stationarity[0].filename == __file__  # softrank's: the caller's
+
+
 def test_no_lambda_no_stationarity(data):
     X, y = data
     torch.manual_seed(0)
