@@ -177,7 +177,8 @@ def effective_lam(estimator, X, y, *, method: str = "optimizer", per: str = "lay
     method : {'optimizer', 'balance'}, default='optimizer'
         'optimizer': from the optimizer's state (the Adam family — any optimizer whose state
         holds ``exp_avg_sq``: :math:`(\sqrt{\hat v}+\epsilon)/(\eta T)`; SGD:
-        :math:`(1-\mu)/(\eta T)`), assuming a constant learning rate η. 'balance': from the residual gradient and θ − θ₀.
+        :math:`(1-\mu)/(\eta T)`), assuming a constant learning rate η. 'balance': from the
+        residual gradient and θ − θ₀.
     per : {'layer', 'scalar', 'element'}, default='layer'
         One value per layer — the parameters of one module, e.g. a Linear layer's weight and
         bias (for ``'optimizer'`` the median of the layer's values), accepted by every
@@ -262,7 +263,17 @@ def effective_lam(estimator, X, y, *, method: str = "optimizer", per: str = "lay
 # -- pieces ----------------------------------------------------------------------------------
 def _weight_decay(net, names, md, lam):
     if not (isinstance(lam, str) and lam == "auto"):
-        return lam if isinstance(lam, dict) else float(lam)
+        values = lam if isinstance(lam, dict) else {"lam": lam}
+        for key, v in values.items():
+            if isinstance(v, (bool, str)) or not np.isfinite(float(v)) or float(v) < 0:
+                raise ValueError(f"lam (the weight decay's Λ) must be 'auto', a finite number "
+                                 f"≥ 0 or a dict of them; got {key}={v!r}")
+        if isinstance(lam, dict):
+            missing = [n for n in names if n not in lam]
+            if missing:
+                raise ValueError(f"lam has no value for parameters {missing}")
+            return {n: float(lam[n]) for n in names}
+        return float(lam)
     decay = {}
     opt = getattr(net, "optimizer_", None)
     if opt is None:
@@ -327,7 +338,8 @@ def _optimizer_lam(net, names) -> torch.Tensor:
             steps = float(state["step"])
             if steps < 1:
                 raise ValueError("the optimizer has taken no steps: train the net first")
-            v = state["exp_avg_sq"].detach().to("cpu", torch.float64) / (1 - g["betas"][1] ** steps)
+            v = state["exp_avg_sq"].detach().to("cpu", torch.float64)
+            v = v / (1 - g["betas"][1] ** steps)  # bias-corrected second moment
             parts.append(((v.sqrt() + g["eps"]) / (lr * steps)).reshape(-1))
         elif kind == "SGD":
             steps = _steps_taken(net)

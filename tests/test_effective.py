@@ -218,6 +218,9 @@ def test_initial_parameters_records_the_start(data):
 
 
 @pytest.mark.parametrize("kwargs, match", [
+    (dict(lam=-1e-3), "finite number ≥ 0"),
+    (dict(lam=float("nan")), "finite number ≥ 0"),
+    (dict(lam={"hidden.weight": 1e-3}), "no value for parameters"),
     (dict(method="newton"), "method must be one of"),
     (dict(per="tensor"), "per must be one of"),
     (dict(method="balance", per="element"), "per layer or one overall"),

@@ -100,3 +100,18 @@ def test_exact_selectors_only_on_small_candidates():
     assert not exact & set(selectors_available(100, 10, 10**6))
     with pytest.raises(ValueError, match="unknown selectors"):
         selectors_available(100, 10, 1000, ["no such selector"])
+
+
+def test_documented_tables_are_the_committed_csv():
+    """docs/selection.md shows exactly the overview the benchmark's report prints from the
+    committed raw table (docs/selection/selection.csv), and summary.md is its report."""
+    bench = _bench()
+    csv_path = ROOT / "docs" / "selection" / "selection.csv"
+    stats, tasks = bench.summarize(bench.read_rows(csv_path))
+    overview = bench.format_overview(stats, tasks)
+    page = (ROOT / "docs" / "selection.md").read_text()
+    start = page.index("<!-- table: python benchmarks/bench_selection.py")
+    start = page.index("\n", start) + 1
+    assert page[start:page.index("<!-- end table -->", start)].strip() == overview.strip()
+    summary = (ROOT / "docs" / "selection" / "summary.md").read_text()
+    assert summary.startswith(overview)
