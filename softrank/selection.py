@@ -460,5 +460,7 @@ def run_selection_demo(seed: int = 0, n_train: int = 500, max_epochs: int = 20,
                  "less trustworthy (see the stationarity guide); finish=True measures finished "
                  "nets, but\nfinished nets at tiny weight decay overfit and were chosen wrongly in "
                  "the selection benchmark.")
-    print_fn("One task and one seed; the benchmark over eight tasks is in docs/selection.md.")
+    print_fn("One task and one seed. Over eight tasks and three seeds 5-fold CV chose better "
+             "(mean regret 0.019\nagainst softrank's 0.040-0.050, at 3x the time): "
+             "docs/selection.md.")
     return result

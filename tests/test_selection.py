@@ -115,3 +115,18 @@ def test_documented_tables_are_the_committed_csv():
     assert page[start:page.index("<!-- end table -->", start)].strip() == overview.strip()
     summary = (ROOT / "docs" / "selection" / "summary.md").read_text()
     assert summary.startswith(overview)
+
+
+def test_readme_headline_numbers_are_the_committed_csv():
+    """The README's headline regrets and time ratio, recomputed from the raw table."""
+    bench = _bench()
+    stats, _ = bench.summarize(bench.read_rows(ROOT / "docs" / "selection" / "selection.csv"))
+    overall = {sel: st for (task, sel), st in stats.items() if task == "all tasks"}
+    cv = overall["5-fold CV"]
+    tic, alpha = overall["TIC kfac"], overall["SoftRankFIM kfac, α·rank/n"]
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    assert f"**{tic['mean']:.3f}–{alpha['mean']:.3f}**" in readme
+    assert f"5-fold cross-validation lost less: {cv['mean']:.3f}**" in readme
+    assert f"80/20 holdout {overall['holdout 80/20']['mean']:.3f})" in readme
+    ratio = max(tic["time_rel"], alpha["time_rel"]) / cv["time_rel"]
+    assert f"**{ratio:.2f}×**" in readme
