@@ -33,8 +33,7 @@ the as-trained estimates it gives can be trusted is measured in the documentatio
 stationarity: on 20 MNIST and Fashion-MNIST MLPs the default put the exact approximate
 leave-one-out estimate within 2× of the observed gap on 14 (median 1.2×; the weight decay alone:
 14×), but 3.6–9× on nets trained for 5 epochs, and it does not rank nets (Kendall τ 0.20).
-Finishing the net (``finish=True``) remains the route when the estimate serves to choose
-models.
+To choose among models, see the documentation's selection guide.
 
 References
 ----------
@@ -47,6 +46,8 @@ proximal response).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import warnings
 
 import numpy as np
 import torch
@@ -183,7 +184,7 @@ def effective_lam(estimator, X, y, *, method: str = "optimizer", per: str = "lay
         One value per layer — the parameters of one module, e.g. a Linear layer's weight and
         bias (for ``'optimizer'`` the median of the layer's values), accepted by every
         approximation — one overall, or one per element (``'optimizer'`` only; accepted by
-        the exact ApproxLOO and the dense measures, not by the Gram or KFAC ones).
+        ApproxLOO, every method, and the dense measures, not by the Gram or KFAC ones).
     theta0 : dict {name: array}, array of shape (p,), or None
         The parameters training started from. None: taken from an :class:`InitialParameters`
         callback of the net if it has one.
@@ -232,6 +233,7 @@ def effective_lam(estimator, X, y, *, method: str = "optimizer", per: str = "lay
         raise ValueError(f"method must be one of {_METHODS}; got {method!r}")
     if per not in _PER:
         raise ValueError(f"per must be one of {_PER}; got {per!r}")
+    sk.check_fitted(estimator, "effective_lam reads a trained net,")
     if method == "balance" and per == "element":
         raise ValueError("method='balance' fits one value per layer or one overall "
                          "(per='layer' or 'scalar'): per element it is one equation per "
@@ -334,6 +336,16 @@ def _optimizer_lam(net, names) -> torch.Tensor:
         if g is None:
             raise ValueError(f"parameter {n!r} is not in the optimizer; exclude it with params=")
         lr = float(g["lr"])
+        if "initial_lr" in g and float(g["initial_lr"]) != lr:
+            warnings.warn(f"the learning rate of parameter {n!r} changed during training "
+                          f"({float(g['initial_lr']):.3g} -> {lr:.3g}: a schedule); "
+                          "method='optimizer' assumes a constant rate and uses the last one, so "
+                          "its effective Λ is off by about the ratio of the last to the mean "
+                          "rate. Use method='balance' with softrank.InitialParameters.",
+                          UserWarning, stacklevel=3)
+        if "betas" in g and "exp_avg_sq" not in state:
+            raise ValueError(f"{kind} has taken no step for parameter {n!r} (no second moment "
+                             "yet): train the net before reading its effective Λ")
         if "exp_avg_sq" in state and "betas" in g:  # Adam family
             steps = float(state["step"])
             if steps < 1:
@@ -346,9 +358,9 @@ def _optimizer_lam(net, names) -> torch.Tensor:
             mu = float(g.get("momentum", 0.0))
             parts.append(torch.full((p.numel(),), (1 - mu) / (lr * steps), dtype=torch.float64))
         else:
-            raise ValueError(f"method='optimizer' reads Adam's second moment or SGD's learning "
-                             f"rate; {kind} is neither (parameter {n!r} has no Adam state). Use "
-                             "method='balance' with softrank.InitialParameters.")
+            raise ValueError(f"method='optimizer' reads the second moment of the Adam family "
+                             f"(Adam, AdamW, NAdam...) or SGD's learning rate; {kind} is neither. "
+                             "Use method='balance' with softrank.InitialParameters.")
     return torch.cat(parts)
 
 

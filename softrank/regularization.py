@@ -30,7 +30,8 @@ class Lam:
     def tensor_values(self, what: str) -> tuple[float, ...]:
         if self.per_tensor is None:
             raise ValueError(f"{what} supports a scalar or per-parameter-tensor lam, not a "
-                             "per-element diagonal; pass a float or a dict {parameter name: value}")
+                             "per-element diagonal; pass a float or a dict {parameter name: value} "
+                             "(for an effective Λ: effective_lam(..., per='layer' or 'scalar'))")
         return self.per_tensor
 
     def describe(self):

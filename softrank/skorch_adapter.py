@@ -88,9 +88,11 @@ def is_fitted(net) -> bool:
 def check_fitted(estimator, what: str = "prefit=True") -> None:
     _, net = split_estimator(estimator)
     if not is_fitted(net):
+        hint = (", or use prefit='auto' to let the estimator fit a clone" if "prefit" in what
+                else "")
         raise NotFittedError(
             f"{what} but the wrapped {type(net).__name__} is not fitted (not initialized). Fit it "
-            "first (net.fit(X, y)), or use prefit='auto' to let the estimator fit a clone.")
+            f"first (net.fit(X, y)){hint}.")
 
 
 # -- outputs and dtypes ------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def net_of(optimizer=torch.optim.Adam, wd=1e-3, epochs=5, batch_size=16, lr=0.02
     return NeuralNetClassifier(TanhMLP, module__dtype=F64, criterion=nn.CrossEntropyLoss,
                                optimizer=optimizer, lr=lr, optimizer__weight_decay=wd,
                                max_epochs=epochs, batch_size=batch_size, train_split=None,
-                               verbose=0, callbacks=[InitialParameters()], **kw)
+                               verbose=0, **{"callbacks": [InitialParameters()], **kw})
 
 
 @pytest.fixture(scope="module")
@@ -272,3 +272,37 @@ def test_documented_tables_are_the_measured_ones():
     start = page.index("\n", start) + 1
     shown = page[start:page.index("<!-- end table -->", start)].strip()
     assert shown == bench.report(rows).strip()
+
+
+def test_untrained_scheduled_and_unfitted_nets(data):
+    """No Adam step yet, a learning-rate schedule, an unfitted net: each says what is wrong."""
+    from sklearn.exceptions import NotFittedError
+    from skorch.callbacks import LRScheduler
+
+    X, y = data
+    fresh = net_of()
+    with pytest.raises(NotFittedError, match="effective_lam reads a trained net") as info:
+        effective_lam(fresh, X, y)
+    assert "prefit" not in str(info.value)  # effective_lam has no prefit
+    fresh.initialize()
+    with pytest.raises(ValueError, match="Adam has taken no step"):
+        effective_lam(fresh, X, y)
+    scheduled = net_of(callbacks=[InitialParameters(),
+                                  LRScheduler(torch.optim.lr_scheduler.StepLR, step_size=2,
+                                              gamma=0.1)]).fit(X, y)
+    with pytest.warns(UserWarning, match="learning rate .* changed during training"):
+        effective_lam(scheduled, X, y)
+
+
+@pytest.mark.parametrize("method, measured", [("optimizer", "within 2x on 14 of 20"),
+                                              ("balance", "within 2x on 7 of 20")])
+def test_summary_states_the_route_it_measured(trained, data, method, measured):
+    X, y = data
+    L = effective_lam(trained, X, y, method=method)
+    s = ApproxLOO(trained, lam=L, method="exact", prefit=True).fit(X, y).summary()
+    statement = s.statements[s.regimes.index("effective_lam")]
+    assert measured in statement and "selection guide" in statement
+    assert "θ₀ is unknown" not in statement  # InitialParameters recorded it
+    bare = net_of(callbacks=[]).fit(X, y)
+    s = ApproxLOO(bare, lam="effective", method="exact", prefit=True).fit(X, y).summary()
+    assert "θ₀ is unknown" in s.statements[s.regimes.index("effective_lam")]

@@ -137,7 +137,8 @@ class KroneckerCurvature(Curvature):
             if len(set(v)) != 1:
                 raise ValueError(
                     f"{self.approximation.upper()} folds the bias of {r.name!r} into its weight "
-                    "block, so weight and bias need the same lam; got " + str(v))
+                    "block, so weight and bias need the same lam; got " + str(v)
+                    + " (for an effective Λ: effective_lam(..., per='layer'))")
             out.append(v[0])
             i += len(r.param_names)
         return out
