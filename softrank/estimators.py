@@ -53,6 +53,7 @@ from ._doc import compose
 from ._progress import progress
 from .curvature import APPROXIMATIONS, GramCurvature, curvature
 from .curvature.dense import DEFAULT_MAX_PARAMS
+from .effective import EffectiveLam, effective_lam
 from .families import family_for
 from .influence import fisher_leverage  # noqa: F401  (re-exported: per-sample leverage)
 from .loo import LOO_METHODS, approx_loo
@@ -61,7 +62,6 @@ from .measures import (HESSIAN_ORDS, MeasureResult, hessian_norms, soft_rank_gap
 from .memory import (MemoryEstimate, check_loo_memory, check_memory, estimate_loo_memory,
                      estimate_memory, parse_bytes)
 from .model import ModelData
-from .effective import EffectiveLam, effective_lam
 from .regularization import as_lam
 from .stationarity import (STATIONARITY_THRESHOLD, NotStationaryWarning, finish_training,
                            relative_stationarity)
