@@ -124,8 +124,12 @@ MEASURES = [
 ]
 
 
-#: (column, lam) of the ApproxLOO estimates of each net as trained
-AS_TRAINED = [("LOO_wd_as_trained", "auto"), ("LOO_eff_as_trained", "effective")]
+#: (column, lam) of the ApproxLOO estimates of each net as trained (with Λ = the weight decay
+#: alone they are 7-14x the observed gap: see the stationarity guide; not repeated here, to keep
+#: the demo under two minutes)
+AS_TRAINED = [("LOO_eff_as_trained", "effective")]
+#: points of the cavity method for the as-trained estimates (above the exact limit)
+AS_TRAINED_CAVITY_POINTS = 100
 
 
 # -- the grid ------------------------------------------------------------------------------------
@@ -176,12 +180,17 @@ def evaluate_model(spec: ModelSpec, data, approximation: str, seed: int) -> dict
     for column, lam in AS_TRAINED:
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            est = _approx_loo(net, approximation, seed, n_k).set_params(lam=lam).fit(X, y)
+            warnings.simplefilter("ignore", DeprecationWarning)  # other libraries' deprecations
+            est = _approx_loo(net, approximation, seed, n_k).set_params(lam=lam)
+            if est.method == "cavity":  # a line of medians: fewer points keep the demo short
+                est.set_params(n_points=AS_TRAINED_CAVITY_POINTS)
+            est.fit(X, y)
         caught += [w.category.__name__ for w in record]
         row[column] = est.gap_
     for column, factory, what in MEASURES:
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
+            warnings.simplefilter("ignore", DeprecationWarning)  # other libraries' deprecations
             est = factory(fnet, approximation, seed, spec.n_train * data.n_classes).fit(X, y)
         caught += [w.category.__name__ for w in record]
         row[column] = est.gap_ if what == "gap" else est.measure_
@@ -269,9 +278,10 @@ def as_trained_section(rows, taus) -> list[str]:
     """The nets as trained: ApproxLOO with the weight decay and with the effective Λ, against
     each net's own observed gap (median ratio and Kendall τ)."""
     gaps = np.array([r["gap_as_trained"] for r in rows])
-    lines = ["As trained (not finished): ApproxLOO / the net's own observed gap, with Λ = the "
-             "weight decay and with\nthe effective Λ (weight decay + the training budget, from "
-             "Adam's state: lam='effective'):"]
+    lines = ["As trained (not finished): ApproxLOO / the net's own observed gap, with the "
+             "effective Λ\n(weight decay + the training budget, from Adam's state: "
+             "lam='effective'; with the weight decay alone\nsuch estimates were 7-14x the "
+             "observed gap on MNIST nets, see the stationarity guide):"]
     for column, lam in AS_TRAINED:
         est = np.array([r[column] for r in rows])
         ratio = est / gaps
