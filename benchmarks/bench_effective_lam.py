@@ -64,8 +64,15 @@ def configs():
     return out
 
 
+_NET = ("dataset", "optimizer", "width", "weight_decay", "epochs")  # the columns naming a net
+
+
 def _key(cfg) -> tuple:
     return (cfg.dataset, cfg.optimizer, str(cfg.width), f"{cfg.weight_decay:g}", str(cfg.epochs))
+
+
+def _row_key(row) -> tuple:
+    return tuple(str(row[c]) for c in _NET)
 
 
 def _mean_log_loss(net, X, y) -> float:
@@ -135,11 +142,9 @@ def report(rows: list[dict]) -> str:
                      f"{within}/{len(g)} | {tau:+.2f} | {rank_cells[0]} | {rank_cells[1]} |")
     lines += ["", "| net | r as trained | observed gap | " + " | ".join(VARIANTS) + " |",
               "|---|---|---|" + "---|" * len(VARIANTS)]
-    nets = list(dict.fromkeys((r["dataset"], r["optimizer"], r["width"], r["weight_decay"],
-                               r["epochs"]) for r in rows))
+    nets = list(dict.fromkeys(_row_key(r) for r in rows))
     for net in nets:
-        g = {r["variant"]: r for r in rows
-             if (r["dataset"], r["optimizer"], r["width"], r["weight_decay"], r["epochs"]) == net}
+        g = {r["variant"]: r for r in rows if _row_key(r) == net}
         first = next(iter(g.values()))
         cells = [f"{float(g[v]['loo_gap']) / float(first['observed_gap']):.2f}" if v in g else "—"
                  for v in VARIANTS]
@@ -161,8 +166,7 @@ def main(argv=None) -> int:
     if args.out.exists():
         with open(args.out, newline="") as f:
             rows = list(csv.DictReader(f))
-    done = {(r["dataset"], r["optimizer"], r["width"], r["weight_decay"], r["epochs"])
-            for r in rows}
+    done = {_row_key(r) for r in rows}
     todo = [c for c in configs() if _key(c) not in done][:args.limit]
     for cfg in todo:
         with warnings.catch_warnings():

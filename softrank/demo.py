@@ -174,28 +174,30 @@ def evaluate_model(spec: ModelSpec, data, approximation: str, seed: int) -> dict
     row["test_loss"] = _eval_loss(fnet, data.X_test, data.y_test)
     row["observed_gap"] = row["test_loss"] - row["train_loss"]
     caught = []
-    # the net as trained: its own gap, ApproxLOO with the weight decay and with the effective Λ
+    # the net as trained: its own gap and ApproxLOO with the effective Λ
     row["gap_as_trained"] = _eval_loss(net, data.X_test, data.y_test) - _eval_loss(net, X, y)
     n_k = spec.n_train * data.n_classes
     for column, lam in AS_TRAINED:
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            warnings.simplefilter("ignore", DeprecationWarning)  # other libraries' deprecations
-            est = _approx_loo(net, approximation, seed, n_k).set_params(lam=lam)
-            if est.method == "cavity":  # a line of medians: fewer points keep the demo short
-                est.set_params(n_points=AS_TRAINED_CAVITY_POINTS)
-            est.fit(X, y)
-        caught += [w.category.__name__ for w in record]
-        row[column] = est.gap_
+        est = _approx_loo(net, approximation, seed, n_k).set_params(lam=lam)
+        if est.method == "cavity":  # a line of medians: fewer points keep the demo short
+            est.set_params(n_points=AS_TRAINED_CAVITY_POINTS)
+        row[column] = _fit_recording(est, X, y, caught).gap_
     for column, factory, what in MEASURES:
-        with warnings.catch_warnings(record=True) as record:
-            warnings.simplefilter("always")
-            warnings.simplefilter("ignore", DeprecationWarning)  # other libraries' deprecations
-            est = factory(fnet, approximation, seed, spec.n_train * data.n_classes).fit(X, y)
-        caught += [w.category.__name__ for w in record]
+        est = _fit_recording(factory(fnet, approximation, seed, n_k), X, y, caught)
         row[column] = est.gap_ if what == "gap" else est.measure_
     row["warnings"] = caught
     return row
+
+
+def _fit_recording(est, X, y, caught: list):
+    """``est.fit(X, y)``, the category names of the warnings it raised appended to ``caught``
+    (other libraries' deprecations left out)."""
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        warnings.simplefilter("ignore", DeprecationWarning)
+        est.fit(X, y)
+    caught += [w.category.__name__ for w in record]
+    return est
 
 
 def _progress(total, enabled):

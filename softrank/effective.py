@@ -276,17 +276,12 @@ def _weight_decay(net, names, md, lam):
                 raise ValueError(f"lam has no value for parameters {missing}")
             return {n: float(lam[n]) for n in names}
         return float(lam)
-    decay = {}
-    opt = getattr(net, "optimizer_", None)
-    if opt is None:
+    if getattr(net, "optimizer_", None) is None:
         raise ValueError("the net has no optimizer_: effective_lam reads the training from it; "
                          "fit the net first")
-    for group in opt.param_groups:
-        for p in group["params"]:
-            decay[id(p)] = float(group.get("weight_decay", 0.0))
-    named = dict(net.module_.named_parameters())
+    decay = sk.optimizer_weight_decay(net)
     scale = sk._reduction_scale(net, md)
-    values = {n: decay.get(id(named[n]), 0.0) * scale for n in names}
+    values = {n: (decay.get(n) or 0.0) * scale for n in names}
     return next(iter(values.values())) if len(set(values.values())) == 1 else values
 
 

@@ -425,11 +425,7 @@ def weight_decay_lam(net, param_names: list[str], md=None) -> float | dict[str, 
         warnings.warn(f"{type(opt).__name__} decouples weight decay from the loss gradient, so "
                       "Λ = weight_decay is only an approximation of its regularization; pass lam "
                       "explicitly to silence this warning", UserWarning, stacklevel=3)
-    decay = {}
-    for group in opt.param_groups:
-        for p in group["params"]:
-            decay[id(p)] = float(group.get("weight_decay", 0.0))
-    by_name = {name: decay.get(id(p)) for name, p in net.module_.named_parameters()}
+    by_name = optimizer_weight_decay(net)
     missing = [n for n in param_names if by_name.get(n) is None]
     if missing:
         raise ValueError(f"lam='auto': parameters {missing} are not in the optimizer, so they have "
@@ -445,6 +441,15 @@ def weight_decay_lam(net, param_names: list[str], md=None) -> float | dict[str, 
     if len(set(values.values())) == 1:
         return next(iter(values.values()))
     return values
+
+
+def optimizer_weight_decay(net) -> dict[str, float | None]:
+    """{parameter name: ``weight_decay`` of its optimizer group} (None: not in the optimizer)."""
+    decay = {}
+    for group in net.optimizer_.param_groups:
+        for p in group["params"]:
+            decay[id(p)] = float(group.get("weight_decay", 0.0))
+    return {name: decay.get(id(p)) for name, p in net.module_.named_parameters()}
 
 
 def _reduction_scale(net, md) -> float:
