@@ -51,7 +51,7 @@ def parse_args(argv=None):
                    help="WIDTH:LAMBDA of the MLPs 784-WIDTH-10 of the accuracy part")
     p.add_argument("--cavity-points", default="100,300,1000",
                    help="points of method='cavity' (those below n are run)")
-    p.add_argument("--rest", default="ekfac,rescale",
+    p.add_argument("--rest", default="ekfac,ekfac_mean,rescale",
                    help="how 'cavity' treats the points outside its subset (compared)")
     p.add_argument("--lbfgs-iters", type=int, default=300)
     p.add_argument("--n-large", type=int, default=60_000)
@@ -99,7 +99,7 @@ def run(fn):
 def accuracy_part(args):
     X_all, y_all = C.load_mnist(args.data, max(int(s) for s in args.sizes.split(",")))
     rows = []
-    header = ["n", "net", "λ", "r", "method", "points", "gap", "± stderr", "rel. error",
+    header = ["n", "net", "λ", "r", "method", "points", "s", "gap", "± stderr", "rel. error",
               "rel. error, same points", "Spearman", "invalid", "wall s", "CPU s"]
     for n in (int(s) for s in args.sizes.split(",")):
         X, y = X_all[:n], y_all[:n]
@@ -112,7 +112,7 @@ def accuracy_part(args):
             net = f"784-{width}-10"
             w, c, ex = run(lambda: approx_loo(md, lam, "exact"))
             base = [n, net, f"{lam:g}", f"{r:.2g}"]
-            rows.append(base + ["exact", n, f"{ex.gap:.4f}", "—", "—", "—", "—",
+            rows.append(base + ["exact", n, "—", f"{ex.gap:.4f}", "—", "—", "—", "—",
                                 ex.diagnostics["invalid_points"], f"{w:.1f}", f"{c:.1f}"])
             print(C.table(rows[-1:], header).splitlines()[-1], flush=True)
             runs = [(f"cavity/{rest}", int(m)) for m in args.cavity_points.split(",")
@@ -126,7 +126,9 @@ def accuracy_part(args):
                 same = float((ex.loo_losses - ex.point_losses)[res.indices].mean())
                 ours = float((res.loo_losses - res.point_losses).mean())
                 se = "—" if res.stderr is None else f"{res.stderr:.4f}"
-                rows.append(base + [method, m, f"{res.gap:.4f}", se,
+                shrink = res.diagnostics.get("rest_shrinkage")
+                rows.append(base + [method, m, "—" if shrink is None else f"{shrink:.3f}",
+                                    f"{res.gap:.4f}", se,
                                     f"{(res.gap - ex.gap) / ex.gap:+.1%}",
                                     f"{(ours - same) / same:+.1%}", f"{rho:.3f}",
                                     res.diagnostics["invalid_points"], f"{w:.1f}", f"{c:.1f}"])
@@ -156,13 +158,17 @@ def scale_part(args):
         C.reset_peak_rss()
         w, c, res = run(lambda: approx_loo(md, lam, "cavity", random_state=args.seed))
         peak = C.peak_rss_bytes()
+        its = res.diagnostics["rest_shrinkage_iterations"]
         rows.append([name, f"{C.n_params(model):,}", args.n_large, len(res.indices),
+                     f"{res.diagnostics['rest_shrinkage']:.3f} "
+                     f"({its['quarter of the points']} + {its['all points']})",
                      f"{res.gap:.4f} ± {res.stderr:.4f}", res.diagnostics["invalid_points"],
                      f"{w:.0f} s / {ep_w:.1f} s = {w / ep_w:.1f}",
                      f"{c:.0f} s / {ep_c:.1f} s = {c / ep_c:.1f}",
                      C.gib(peak), C.gib(peak - base_rss)])
         print(rows[-1], flush=True)
-    return C.table(rows, ["net", "p", "n", "points", "gap ± stderr", "invalid",
+    return C.table(rows, ["net", "p", "n", "points", "s (iterations: m/4 + m)", "gap ± stderr",
+                          "invalid",
                           "wall: cavity / epoch", "CPU: cavity / epoch",
                           "peak RSS (process)", "peak − RSS before"])
 

@@ -1071,11 +1071,15 @@ class ApproxLOO(GapEstimator):
         'auto' (default): 'exact' while its memory (a Cholesky of size n(K−1)) stays below
         ``softrank.memory.LOO_AUTO_EXACT_BYTES`` (2 GiB), 'cavity' above.
         'exact': Woodbury on the empirical NTK, one Cholesky of size n(K−1) (moderate n·K).
-        'cavity': ``n_points`` random points kept exactly, the other points through EKFAC, and
-        each point's leave-one-out step from its cavity
+        'cavity': ``n_points`` random points kept exactly, the other points through EKFAC
+        shrunk by their own leverage (a self-consistent scalar s in
+        ``result_.diagnostics['rest_shrinkage']``: the inverse of a sum of per-point terms is
+        not the inverse of their mean), and each point's leave-one-out step from its cavity
         :math:`J_i(\tilde H - J_i^\top A_iJ_i)^{-1}J_i^\top`, positive semi-definite by
         construction (no invalid points), memory flat in n, with ``stderr_`` over the points
-        (it does not cover EKFAC's bias, which tends to underestimate the gap at small λ).
+        (it does not cover the approximation's bias: on MNIST MLPs at n = 1,000 with 300
+        points the estimate was 10–13 % above the exact one on the same points, at λ from
+        1e-4 to 1e-1; more above with fewer points).
         'kfac': P_i from the Kronecker factors, any n; it fails on wide or memorizing nets,
         where KFAC spreads a point's own curvature over the layer and many points get
         max eig :math:`A_iP_i \ge 1` (invalid steps: counted and warned about).

@@ -243,10 +243,11 @@ def test_kfac_from_factors_matches_constructor():
 
 
 # -- per-parameter Λ against a dense float64 reference ------------------------------------------
-def _dense_reference(net, X, y, lam_vec, n, extra=None, subset=None):
+def _dense_reference(net, X, y, lam_vec, n, extra=None, subset=None, parts=False):
     r"""Dense float64 ApproxLOO from torch.func: per-sample Jacobians J_i, A_i = ∇²_z ℓ_i,
     r_i = ∇_z ℓ_i, H = Σ_j J_jᵀA_jJ_j (over ``subset``, default all) + n Λ (+ ``extra``), and
-    z_i^(−i) = z_i + P_i (I − A_iP_i)⁻¹ r_i with P_i = J_i H⁻¹ J_iᵀ for i in ``subset``."""
+    z_i^(−i) = z_i + P_i (I − A_iP_i)⁻¹ r_i with P_i = J_i H⁻¹ J_iᵀ for i in ``subset``.
+    ``parts``: also (J_i, A_i, P_i) of those points."""
     names = [k for k, _ in net.named_parameters()]
     shapes = [p.shape for _, p in net.named_parameters()]
     theta = torch.cat([p.detach().reshape(-1) for _, p in net.named_parameters()])
@@ -272,7 +273,8 @@ def _dense_reference(net, X, y, lam_vec, n, extra=None, subset=None):
     P = J[idx] @ torch.linalg.solve(H, J[idx].transpose(1, 2))
     eye = torch.eye(z.shape[1])
     z_loo = z[idx] + (P @ torch.linalg.solve(eye - A[idx] @ P, r[idx].unsqueeze(2))).squeeze(2)
-    return nn.functional.cross_entropy(z_loo, y[idx], reduction="none").numpy()
+    losses = nn.functional.cross_entropy(z_loo, y[idx], reduction="none").numpy()
+    return (losses, J[idx], A[idx], P) if parts else losses
 
 
 def _lam_cases(net):
@@ -324,19 +326,48 @@ def test_kfac_accepts_per_parameter_lam():
     assert np.isfinite(elem.gap) and elem.gap != res.gap
 
 
-def test_cavity_matches_its_dense_definition():
-    r"""m < n: H̃ = Σ_{j∈S} J_jᵀA_jJ_j + (n − m) F_EKFAC + nΛ, and every point's step is valid."""
+@pytest.mark.parametrize("m", [12, 7])  # with and without the first pass on a quarter of S
+@pytest.mark.parametrize("rtol", [1e-12, None])  # to the fixed point; the shipped stopping rule
+def test_cavity_matches_its_dense_definition(m, rtol, monkeypatch):
+    r"""m < n: H̃ = Σ_{j∈S} J_jᵀA_jJ_j + s (n − m) F_EKFAC + nΛ, every point's step valid, and s
+    the fixed point s = Σ_i tr((I − M_i)K_i) / Σ_i tr K_i with M_i = B_iᵀJ_iH̃⁻¹J_iᵀB_i,
+    K_i = B_iᵀJ_iJ_iᵀB_i (so tr K_i = tr(A_iJ_iJ_iᵀ), tr(M_iK_i) = tr(P_iA_iJ_iJ_iᵀA_i)), all from the
+    dense float64 reference. With the shipped rule the iteration stops once s changes by less
+    than 1 % or less than the standard error of the ratio."""
+    if rtol is not None:
+        monkeypatch.setattr(loo_module, "_SHRINK_RTOL", rtol)
+        monkeypatch.setattr(loo_module, "_SHRINK_WITHIN_STDERR", False)
     net, X, y = _small_mlp_data(9, n=30)
     lams, names, sizes = _lam_cases(net)
     lam = lams["layer_uniform"]
     md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
-    res = approx_loo(md, lam, "cavity", n_points=12, random_state=3)
-    assert len(res.indices) == 12 and res.stderr > 0
+    res = approx_loo(md, lam, "cavity", n_points=m, random_state=3)
+    assert len(res.indices) == m and res.stderr > 0
+    s = res.diagnostics["rest_shrinkage"]
+    assert 0 < s < 1
+    its = res.diagnostics["rest_shrinkage_iterations"]
+    assert its["all points"] >= 1 and (its["quarter of the points"] > 0) == (m >= 8)
     F_ekfac = KroneckerCurvature(md, "fisher", "fisher", ekfac=True).to_dense()
-    ref = _dense_reference(net, X, y, as_lam(lam, names, sizes).vector, md.n,
-                           extra=(md.n - 12) * F_ekfac, subset=res.indices)
+    ref, J, A, P = _dense_reference(net, X, y, as_lam(lam, names, sizes).vector, md.n,
+                                    extra=s * (md.n - m) * F_ekfac, subset=res.indices,
+                                    parts=True)
     np.testing.assert_allclose(res.loo_losses, ref, rtol=1e-9)
     assert res.diagnostics["invalid_points"] == 0 and res.diagnostics["max_point_leverage"] < 1
+    JJ = J @ J.transpose(1, 2)
+    trK = torch.einsum("ikl,ilk->", A, JJ)
+    a = torch.einsum("ikl,ilk->i", A, JJ) - torch.einsum("ikl,ilm,imn,ink->i", P, A, JJ, A)
+    b = torch.einsum("ikl,ilk->i", A, JJ)
+    s_ref = float(a.sum() / trK)  # f(s), the next iterate
+    se_ref = float((a - s_ref * b).std() / (b.mean() * m ** 0.5))
+    assert res.diagnostics["rest_shrinkage_stderr"] == pytest.approx(se_ref, rel=1e-6)
+    if rtol is not None:
+        assert abs(s_ref - s) <= 1e-10 * s
+    else:
+        assert abs(s_ref - s) <= max(loo_module._SHRINK_RTOL * s, se_ref)
+    # the shrinkage moves the estimate: without it (s = 1) the gap is smaller here
+    plain = _dense_reference(net, X, y, as_lam(lam, names, sizes).vector, md.n,
+                             extra=(md.n - m) * F_ekfac, subset=res.indices)
+    assert res.loo_losses.mean() > plain.mean()
 
 
 def test_inverse_diagonal_blocks_recursion():

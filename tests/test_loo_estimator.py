@@ -59,6 +59,13 @@ def test_cavity_and_auto(fitted):
     assert est.gap_ == pytest.approx(ref.gap, rel=1e-10)
     auto = ApproxLOO(net).fit(X, y)  # small n·K: 'auto' is 'exact'
     assert auto.gap_ == pytest.approx(approx_loo(md, 1e-2, "exact").gap, rel=1e-10)
+    # the summary says how far to trust the cavity estimate, with its numbers; not for exact
+    s = est.summary()
+    assert "approximate_loo" in s.regimes and not s.trustworthy
+    text = s.statements[s.regimes.index("approximate_loo")]
+    shrink = est.result_.diagnostics["rest_shrinkage"]
+    assert f"25 of {len(X)} points" in text and f"s = {shrink:.3g}" in text
+    assert "approximate_loo" not in auto.summary().regimes
 
 
 def test_clone_pickle_and_grid_search(fitted):
