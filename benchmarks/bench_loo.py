@@ -13,12 +13,17 @@ Adam each, then ``'cavity'`` with its default points: time relative to one train
 images, batch size 256), peak resident memory while it runs (reset after training), its
 standard error.
 
+Part ``shrinkage``: the leverage shrinkage s that ``'cavity'`` solves for on its points, against
+the same ratio computed from the exact leverages of all n points (``--sizes``, ``--nets``,
+``--cavity-points``).
+
 One thread by default (``--threads``); wall and CPU seconds are both printed (CPU time is the
 robust one when other processes compete for the cores).
 
     python benchmarks/bench_loo.py                       # both parts, the documented grid
     python benchmarks/bench_loo.py --part accuracy --sizes 1000
     python benchmarks/bench_loo.py --quick               # n = 300, two small nets, no scale part
+    python benchmarks/bench_loo.py --part shrinkage --sizes 1000 --nets 64:1e-4,256:1e-2
 """
 from __future__ import annotations
 
@@ -39,13 +44,17 @@ import _common as C  # noqa: E402
 from softrank import loo as loo_module  # noqa: E402
 from softrank.loo import approx_loo  # noqa: E402
 from softrank.model import ModelData  # noqa: E402
+from softrank.regularization import as_lam  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     C.add_common_args(p)
     p.set_defaults(threads=1)
-    p.add_argument("--part", choices=("accuracy", "scale", "both"), default="both")
+    p.add_argument("--part", choices=("accuracy", "scale", "shrinkage", "both"), default="both",
+                   help="'shrinkage': the cavity's self-consistent s against the same ratio "
+                        "from the exact leverages of all n points (--sizes, --nets, "
+                        "--cavity-points)")
     p.add_argument("--sizes", default="1000,3000", help="n of the accuracy part")
     p.add_argument("--nets", default="64:1e-4,512:1e-3,256:1e-2,128:1e-1",
                    help="WIDTH:LAMBDA of the MLPs 784-WIDTH-10 of the accuracy part")
@@ -136,6 +145,38 @@ def accuracy_part(args):
     return C.table(rows, header)
 
 
+def shrinkage_part(args):
+    """The shrinkage s that 'cavity' solves for (on its points, the others through EKFAC)
+    against the ratio it estimates, Σ_i tr((I − M_i)K_i) / Σ_i tr K_i, computed from the exact
+    leverages M_i = B_iᵀJ_iH⁻¹J_iᵀB_i of all n points (one exact Cholesky of size n(K−1))."""
+    X_all, y_all = C.load_mnist(args.data, max(int(s) for s in args.sizes.split(",")))
+    rows = []
+    for n in (int(s) for s in args.sizes.split(",")):
+        X, y = X_all[:n], y_all[:n]
+        for spec in args.nets.split(","):
+            width, lam = int(spec.split(":")[0]), float(spec.split(":")[1])
+            model = C.train(C.mlp((784, width, 10), seed=args.seed), X, y, epochs=5,
+                            batch_size=128, weight_decay=lam, seed=args.seed)
+            finish(model, X, y, lam, args.lbfgs_iters)
+            md = ModelData(model, nn.CrossEntropyLoss(), X, y, batch_size=256)
+            L = as_lam(lam, md.param_names, md.sizes)
+            M, _, _ = loo_module._exact_blocks(md, L, True)
+            ident = loo_module._lam_weights(md.rules, as_lam(1.0, md.param_names, md.sizes), 1.0)
+            fis, _, _ = loo_module._fisher_records(md, np.arange(md.n))
+            K = torch.cat([loo_module._own_blocks(md.rules, f, ident).cpu() for f in fis])
+            trK = K.diagonal(dim1=1, dim2=2).sum()
+            s_exact = float((trK - (M @ K).diagonal(dim1=1, dim2=2).sum()) / trK)
+            for m in (int(v) for v in args.cavity_points.split(",") if int(v) < n):
+                res = approx_loo(md, lam, "cavity", n_points=m, random_state=args.seed)
+                d = res.diagnostics
+                rows.append([n, f"784-{width}-10", f"{lam:g}", m, f"{s_exact:.3f}",
+                             f"{d['rest_shrinkage']:.3f} ± {d['rest_shrinkage_stderr']:.3f}",
+                             f"{(d['rest_shrinkage'] - s_exact) / s_exact:+.1%}"])
+                print(rows[-1], flush=True)
+    return C.table(rows, ["n", "net", "λ", "points", "s from the exact leverages (all n)",
+                          "s solved by 'cavity' ± its stderr", "difference"])
+
+
 def small_cnn(seed):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Unflatten(1, (1, 28, 28)), nn.Conv2d(1, 8, 3, stride=2, padding=1),
@@ -183,6 +224,8 @@ def main(argv=None):
         print(accuracy_part(args), flush=True)
     if args.part in ("scale", "both"):
         print(scale_part(args), flush=True)
+    if args.part == "shrinkage":
+        print(shrinkage_part(args), flush=True)
     print(f"\nload average at the end: {C.load_average()}")
 
 
