@@ -28,6 +28,8 @@ robust one when other processes compete for the cores).
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import sys
 import time
 import warnings
@@ -66,6 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--n-large", type=int, default=60_000)
     p.add_argument("--lam-large", type=float, default=1e-3)
     p.add_argument("--quick", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="scale part: print where approx_loo's time goes (cProfile, cumulative)")
     args = p.parse_args(argv)
     if args.quick:
         args.sizes, args.nets, args.cavity_points = "300", "64:1e-3,128:1e-1", "50,100"
@@ -197,8 +201,15 @@ def scale_part(args):
         md = ModelData(model, nn.CrossEntropyLoss(), X, y, batch_size=256)
         base_rss = C.rss_bytes()
         C.reset_peak_rss()
-        w, c, res = run(lambda: approx_loo(md, lam, "cavity", random_state=args.seed))
+        call = lambda: approx_loo(md, lam, "cavity", random_state=args.seed)  # noqa: E731
+        if args.profile:
+            prof = cProfile.Profile()
+            call = (lambda f: lambda: prof.runcall(f))(call)
+        w, c, res = run(call)
         peak = C.peak_rss_bytes()
+        if args.profile:
+            print(f"# where the time of {name} goes (cumulative CPU s, epoch {ep_c:.2f} s)")
+            pstats.Stats(prof).sort_stats("cumulative").print_stats(r"softrank/(loo|curvature)")
         its = res.diagnostics["rest_shrinkage_iterations"]
         rows.append([name, f"{C.n_params(model):,}", args.n_large, len(res.indices),
                      f"{res.diagnostics['rest_shrinkage']:.3f} "
