@@ -35,12 +35,13 @@ method. Ways to get :math:`P_i` (``method``):
   :math:`I - M_j`, :math:`M_j = B_j^\top J_jH^{-1}J_j^\top B_j` — so s is the
   (:math:`\mathrm{tr}\,B_j^\top J_jJ_j^\top B_j`-weighted) mean of :math:`I - M_j` over the
   measured points, a fixed point since the :math:`M_j` depend on s (the deterministic
-  equivalent of Silverstein & Bai, 1995); without it (s = 1) the gap was 0.32–1.11× the exact
-  one on MNIST MLPs, far too small at small λ, where each point's cavity depends on how little
-  the other points' gradients explain its own. The estimate is the mean over S, with a
-  standard error over points; memory is that of an m(K−1) kernel, flat in n. The standard
-  error covers the sampling of points, not the approximation's bias (the benchmarks page has
-  the measured table);
+  equivalent of Silverstein & Bai, 1995). Without it (s = 1) the gap was 0.32–1.13× the exact
+  one on the same points on MNIST MLPs, far too small at small λ, where each point's cavity
+  depends on how little the other points' gradients explain its own; with it, 1.10–1.42×
+  (EKFAC's structure, a diagonal in the Kronecker eigenbasis, is what remains; it grows as
+  fewer points are kept). The estimate is the mean over S, with a standard error over
+  points; memory is that of an m(K−1) kernel, flat in n. The standard error covers the
+  sampling of points, not the approximation's bias (the benchmarks page has the tables);
 * ``'kfac'`` — :math:`P_i` from the Kronecker factors' eigenbases, one sample at a time, any n.
   Its failure mode: KFAC spreads each point's own curvature over the layer, so on wide or
   memorizing nets :math:`A_iP_i` reaches eigenvalues ≥ 1 for many points (invalid steps, counted
@@ -402,7 +403,7 @@ def _rest_shrinkage(md, F, L, indices):
     the measured points, :math:`s = \sum_i\mathrm{tr}((I-M_i)K_i)/\sum_i\mathrm{tr}K_i`,
     :math:`K_i = B_i^\top J_iJ_i^\top B_i`, where the M_i themselves depend on s: a fixed
     point, reached by iteration from s = 1 (f is increasing in s and f(1) < 1, so the
-    iterates decrease monotonically to it), first on every fourth point of S (the others
+    iterates move monotonically to it), first on every fourth point of S (the others
     then counted among the n − m/4 through EKFAC; 1/16 of the kernel) to a relative change
     below ``_SHRINK_RTOL``, then on S from there until the change is below that or below the
     standard error of the ratio over the points (the sampling error of s: iterating further
@@ -569,7 +570,11 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
         the sampled points for 'cavity' and 'subsample'; None where every point is used; NaN
         when conjugate gradients did not converge, since then it would not cover the solver's
         error); ``diagnostics`` with ``invalid_points`` (points with max eig :math:`A_iP_i \ge
-        1`, whose step is meaningless) and ``max_point_leverage``.
+        1`, whose step is meaningless) and ``max_point_leverage``; for 'cavity' with
+        ``n_points`` < n also ``rest_shrinkage`` (s, dimensionless, in (0, 1]),
+        ``rest_shrinkage_stderr`` (its standard error over the points) and
+        ``rest_shrinkage_iterations`` (fixed-point iterations on a quarter of the points and
+        on all of them).
 
     Warns
     -----
