@@ -1073,8 +1073,9 @@ class ApproxLOO(GapEstimator):
         'exact': Woodbury on the empirical NTK, one Cholesky of size n(K−1) (moderate n·K).
         'cavity': ``n_points`` random points kept exactly, the other points through EKFAC
         shrunk by their own leverage (a self-consistent scalar s in
-        ``result_.diagnostics['rest_shrinkage']``: the inverse of a sum of per-point terms is
-        not the inverse of their mean), and each point's leave-one-out step from its cavity
+        ``result_.diagnostics['rest_shrinkage']``, with ``'rest_shrinkage_stderr'`` and
+        ``'rest_shrinkage_iterations'``: the inverse of a sum of per-point terms is not the
+        inverse of their mean), and each point's leave-one-out step from its cavity
         :math:`J_i(\tilde H - J_i^\top A_iJ_i)^{-1}J_i^\top`, positive semi-definite by
         construction (no invalid points), memory flat in n, with ``stderr_`` over the points
         (it does not cover the approximation's bias: on MNIST MLPs at n = 1,000 and 3,000,

@@ -584,7 +584,7 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     Raises
     ------
     ValueError
-        For an unknown method, or ``n_points`` outside 1..m.
+        For an unknown method, or ``n_points`` outside 1..n (the curvature samples).
     MemoryError
         When ``memory_budget`` is exceeded.
 

@@ -65,6 +65,9 @@ def test_cavity_and_auto(fitted):
     text = s.statements[s.regimes.index("approximate_loo")]
     shrink = est.result_.diagnostics["rest_shrinkage"]
     assert f"25 of {len(X)} points" in text and f"s = {shrink:.3g}" in text
+    assert "not measured" not in text  # 42 % kept: inside the measured range
+    few = ApproxLOO(net, method="cavity", n_points=5, random_state=0).fit(X, y).summary()
+    assert "Here only 8.3 % are kept" in few.statements[few.regimes.index("approximate_loo")]
     assert "approximate_loo" not in auto.summary().regimes
 
 
