@@ -109,11 +109,11 @@ def run(fn):
     return wall, cpu, res
 
 
-def accuracy_part(args):
+def finished_nets(args):
+    """For each n of ``--sizes`` and WIDTH:LAMBDA of ``--nets``: the MLP 784-WIDTH-10 trained
+    on the first n MNIST images (Adam, weight decay λ, 5 epochs) and finished; yields
+    (n, width, λ, r, ModelData)."""
     X_all, y_all = C.load_mnist(args.data, max(int(s) for s in args.sizes.split(",")))
-    rows = []
-    header = ["n", "net", "λ", "r", "method", "points", "s", "gap", "± stderr", "rel. error",
-              "rel. error, same points", "Spearman", "invalid", "wall s", "CPU s"]
     for n in (int(s) for s in args.sizes.split(",")):
         X, y = X_all[:n], y_all[:n]
         for spec in args.nets.split(","):
@@ -121,31 +121,38 @@ def accuracy_part(args):
             model = C.train(C.mlp((784, width, 10), seed=args.seed), X, y, epochs=5,
                             batch_size=128, weight_decay=lam, seed=args.seed)
             r = finish(model, X, y, lam, args.lbfgs_iters)
-            md = ModelData(model, nn.CrossEntropyLoss(), X, y, batch_size=256)
-            net = f"784-{width}-10"
-            w, c, ex = run(lambda: approx_loo(md, lam, "exact"))
-            base = [n, net, f"{lam:g}", f"{r:.2g}"]
-            rows.append(base + ["exact", n, "—", f"{ex.gap:.4f}", "—", "—", "—", "—",
-                                ex.diagnostics["invalid_points"], f"{w:.1f}", f"{c:.1f}"])
+            yield n, width, lam, r, ModelData(model, nn.CrossEntropyLoss(), X, y, batch_size=256)
+
+
+def accuracy_part(args):
+    rows = []
+    header = ["n", "net", "λ", "r", "method", "points", "s", "gap", "± stderr", "rel. error",
+              "rel. error, same points", "Spearman", "invalid", "wall s", "CPU s"]
+    for n, width, lam, r, md in finished_nets(args):
+        net = f"784-{width}-10"
+        w, c, ex = run(lambda: approx_loo(md, lam, "exact"))
+        base = [n, net, f"{lam:g}", f"{r:.2g}"]
+        rows.append(base + ["exact", n, "—", f"{ex.gap:.4f}", "—", "—", "—", "—",
+                            ex.diagnostics["invalid_points"], f"{w:.1f}", f"{c:.1f}"])
+        print(C.table(rows[-1:], header).splitlines()[-1], flush=True)
+        runs = [(f"cavity/{rest}", int(m)) for m in args.cavity_points.split(",")
+                if int(m) < n for rest in args.rest.split(",")]
+        for method, m in runs + [("kfac", n)]:
+            kw = {"n_points": m, "random_state": args.seed} if method != "kfac" else {}
+            loo_module._CAVITY_REST = method.partition("/")[2] or "ekfac"
+            w, c, res = run(lambda: approx_loo(md, lam, method.partition("/")[0], **kw))
+            rho = spearmanr(res.loo_losses, ex.loo_losses[res.indices]).statistic
+            # the exact estimate restricted to the method's points: its bias alone
+            same = float((ex.loo_losses - ex.point_losses)[res.indices].mean())
+            ours = float((res.loo_losses - res.point_losses).mean())
+            se = "—" if res.stderr is None else f"{res.stderr:.4f}"
+            shrink = res.diagnostics.get("rest_shrinkage")
+            rows.append(base + [method, m, "—" if shrink is None else f"{shrink:.3f}",
+                                f"{res.gap:.4f}", se,
+                                f"{(res.gap - ex.gap) / ex.gap:+.1%}",
+                                f"{(ours - same) / same:+.1%}", f"{rho:.3f}",
+                                res.diagnostics["invalid_points"], f"{w:.1f}", f"{c:.1f}"])
             print(C.table(rows[-1:], header).splitlines()[-1], flush=True)
-            runs = [(f"cavity/{rest}", int(m)) for m in args.cavity_points.split(",")
-                    if int(m) < n for rest in args.rest.split(",")]
-            for method, m in runs + [("kfac", n)]:
-                kw = {"n_points": m, "random_state": args.seed} if method != "kfac" else {}
-                loo_module._CAVITY_REST = method.partition("/")[2] or "ekfac"
-                w, c, res = run(lambda: approx_loo(md, lam, method.partition("/")[0], **kw))
-                rho = spearmanr(res.loo_losses, ex.loo_losses[res.indices]).statistic
-                # the exact estimate restricted to the method's points: its bias alone
-                same = float((ex.loo_losses - ex.point_losses)[res.indices].mean())
-                ours = float((res.loo_losses - res.point_losses).mean())
-                se = "—" if res.stderr is None else f"{res.stderr:.4f}"
-                shrink = res.diagnostics.get("rest_shrinkage")
-                rows.append(base + [method, m, "—" if shrink is None else f"{shrink:.3f}",
-                                    f"{res.gap:.4f}", se,
-                                    f"{(res.gap - ex.gap) / ex.gap:+.1%}",
-                                    f"{(ours - same) / same:+.1%}", f"{rho:.3f}",
-                                    res.diagnostics["invalid_points"], f"{w:.1f}", f"{c:.1f}"])
-                print(C.table(rows[-1:], header).splitlines()[-1], flush=True)
     return C.table(rows, header)
 
 
@@ -153,30 +160,22 @@ def shrinkage_part(args):
     """The shrinkage s that 'cavity' solves for (on its points, the others through EKFAC)
     against the ratio it estimates, Σ_i tr((I − M_i)K_i) / Σ_i tr K_i, computed from the exact
     leverages M_i = B_iᵀJ_iH⁻¹J_iᵀB_i of all n points (one exact Cholesky of size n(K−1))."""
-    X_all, y_all = C.load_mnist(args.data, max(int(s) for s in args.sizes.split(",")))
     rows = []
-    for n in (int(s) for s in args.sizes.split(",")):
-        X, y = X_all[:n], y_all[:n]
-        for spec in args.nets.split(","):
-            width, lam = int(spec.split(":")[0]), float(spec.split(":")[1])
-            model = C.train(C.mlp((784, width, 10), seed=args.seed), X, y, epochs=5,
-                            batch_size=128, weight_decay=lam, seed=args.seed)
-            finish(model, X, y, lam, args.lbfgs_iters)
-            md = ModelData(model, nn.CrossEntropyLoss(), X, y, batch_size=256)
-            L = as_lam(lam, md.param_names, md.sizes)
-            M, _, _ = loo_module._exact_blocks(md, L, True)
-            ident = loo_module._lam_weights(md.rules, as_lam(1.0, md.param_names, md.sizes), 1.0)
-            fis, _, _ = loo_module._fisher_records(md, np.arange(md.n))
-            K = torch.cat([loo_module._own_blocks(md.rules, f, ident).cpu() for f in fis])
-            trK = K.diagonal(dim1=1, dim2=2).sum()
-            s_exact = float((trK - (M @ K).diagonal(dim1=1, dim2=2).sum()) / trK)
-            for m in (int(v) for v in args.cavity_points.split(",") if int(v) < n):
-                res = approx_loo(md, lam, "cavity", n_points=m, random_state=args.seed)
-                d = res.diagnostics
-                rows.append([n, f"784-{width}-10", f"{lam:g}", m, f"{s_exact:.3f}",
-                             f"{d['rest_shrinkage']:.3f} ± {d['rest_shrinkage_stderr']:.3f}",
-                             f"{(d['rest_shrinkage'] - s_exact) / s_exact:+.1%}"])
-                print(rows[-1], flush=True)
+    for n, width, lam, _, md in finished_nets(args):
+        L = as_lam(lam, md.param_names, md.sizes)
+        M, _, _ = loo_module._exact_blocks(md, L, True)
+        ident = loo_module._lam_weights(md.rules, as_lam(1.0, md.param_names, md.sizes), 1.0)
+        fis, _, _ = loo_module._fisher_records(md, np.arange(md.n))
+        K = torch.cat([loo_module._own_blocks(md.rules, f, ident).cpu() for f in fis])
+        trK = K.diagonal(dim1=1, dim2=2).sum()
+        s_exact = float((trK - (M @ K).diagonal(dim1=1, dim2=2).sum()) / trK)
+        for m in (int(v) for v in args.cavity_points.split(",") if int(v) < n):
+            res = approx_loo(md, lam, "cavity", n_points=m, random_state=args.seed)
+            d = res.diagnostics
+            rows.append([n, f"784-{width}-10", f"{lam:g}", m, f"{s_exact:.3f}",
+                         f"{d['rest_shrinkage']:.3f} ± {d['rest_shrinkage_stderr']:.3f}",
+                         f"{(d['rest_shrinkage'] - s_exact) / s_exact:+.1%}"])
+            print(rows[-1], flush=True)
     return C.table(rows, ["n", "net", "λ", "points", "s from the exact leverages (all n)",
                           "s solved by 'cavity' ± its stderr", "difference"])
 
