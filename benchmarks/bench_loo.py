@@ -164,11 +164,8 @@ def shrinkage_part(args):
     for n, width, lam, _, md in finished_nets(args):
         L = as_lam(lam, md.param_names, md.sizes)
         M, _, _ = loo_module._exact_blocks(md, L, True)
-        ident = loo_module._lam_weights(md.rules, as_lam(1.0, md.param_names, md.sizes), 1.0)
         fis, _, _ = loo_module._fisher_records(md, np.arange(md.n))
-        K = torch.cat([loo_module._own_blocks(md.rules, f, ident).cpu() for f in fis])
-        trK = K.diagonal(dim1=1, dim2=2).sum()
-        s_exact = float((trK - (M @ K).diagonal(dim1=1, dim2=2).sum()) / trK)
+        s_exact, _ = loo_module._shrinkage_ratio(M, loo_module._euclidean_fisher_blocks(md, fis))
         for m in (int(v) for v in args.cavity_points.split(",") if int(v) < n):
             res = approx_loo(md, lam, "cavity", n_points=m, random_state=args.seed)
             d = res.diagnostics

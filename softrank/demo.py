@@ -277,8 +277,8 @@ def tau_section(rows, taus) -> list[str]:
 
 
 def as_trained_section(rows, taus) -> list[str]:
-    """The nets as trained: ApproxLOO with the weight decay and with the effective Λ, against
-    each net's own observed gap (median ratio and Kendall τ)."""
+    """The nets as trained: ApproxLOO with the effective Λ (each row of :data:`AS_TRAINED`),
+    against each net's own observed gap (median ratio and Kendall τ)."""
     gaps = np.array([r["gap_as_trained"] for r in rows])
     lines = ["As trained (not finished): ApproxLOO / the net's own observed gap, with the "
              "effective Λ\n(weight decay + the training budget, from Adam's state: "

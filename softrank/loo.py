@@ -413,41 +413,54 @@ def _rest_shrinkage(md, F, L, indices):
     standard error (the estimate's ``stderr`` does not include it)."""
     rules = md.rules
     n, m = md.n_train, len(indices)
-    ident = _lam_weights(rules, as_lam(1.0, md.param_names, md.sizes), 1.0)
-    evaluations = []
 
     def solve(idx, s, within_stderr):
+        """(s, M, z, y, standard error of s, iterations) on the points ``idx``, from ``s``."""
         fis, z, y = _fisher_records(md, idx)
-        K = torch.cat([_own_blocks(rules, f, ident).cpu() for f in fis])  # (m, K', K')
-        b = K.diagonal(dim1=1, dim2=2).sum(1)  # tr K_i
-        last = s
-        for _ in range(_SHRINK_MAXITER):
+        K = _euclidean_fisher_blocks(md, fis)
+        for it in range(1, _SHRINK_MAXITER + 1):
             M = _fisher_gram_blocks(rules, fis, _eigenbasis_weights(F, L, (n - len(idx)) * s, n))
-            evaluations.append(len(idx))
-            if not b.sum() > 0:  # no point has a gradient: nothing to shrink by
-                return s, M, z, y, float("nan")
-            a = (K - M @ K).diagonal(dim1=1, dim2=2).sum(1)  # tr((I − M_i) K_i)
-            new = float(a.sum() / b.sum())
-            # standard error of that ratio over the points (delta method), at this s
-            se = float((a - new * b).std() / (b.mean() * len(b) ** 0.5)) if len(b) > 1 else \
-                float("nan")
+            new, se = _shrinkage_ratio(M, K)
+            if np.isnan(new):  # no point has a gradient: nothing to shrink by
+                return s, M, z, y, se, it
             if abs(new - s) <= max(_SHRINK_RTOL * s, se if within_stderr else 0.0):
-                return s, M, z, y, se
+                return s, M, z, y, se, it
             s, last = new, s
         warnings.warn(
             f"ApproxLOO(method='cavity'): the shrinkage of the other points' curvature did not "
             f"settle in {_SHRINK_MAXITER} iterations (s = {last:.4g}, next {s:.4g}); the "
             "estimate uses the last", RuntimeWarning, stacklevel=5)
-        return last, M, z, y, se
+        return last, M, z, y, se, _SHRINK_MAXITER
 
-    s = 1.0
+    s, pilot = 1.0, 0
     if m >= 8:
-        s = solve(indices[::4], s, False)[0]
-    pilot = len(evaluations)
-    s, M, z, y, se = solve(indices, s, _SHRINK_WITHIN_STDERR)
+        s, *_, pilot = solve(indices[::4], s, False)
+    s, M, z, y, se, full = solve(indices, s, _SHRINK_WITHIN_STDERR)
     return s, M, z, y, {"rest_shrinkage": s, "rest_shrinkage_stderr": se,
                         "rest_shrinkage_iterations": {"quarter of the points": pilot,
-                                                      "all points": len(evaluations) - pilot}}
+                                                      "all points": full}}
+
+
+def _euclidean_fisher_blocks(md, fis) -> torch.Tensor:
+    r"""(m, K', K') blocks :math:`K_i = B_i^\top J_iJ_i^\top B_i` (Euclidean metric) of the
+    Fisher-row records ``fis`` (batches, as from :func:`_fisher_records`)."""
+    ident = _lam_weights(md.rules, as_lam(1.0, md.param_names, md.sizes), 1.0)
+    return torch.cat([_own_blocks(md.rules, f, ident).cpu() for f in fis])
+
+
+def _shrinkage_ratio(M, K) -> tuple[float, float]:
+    r"""The ratio :math:`\sum_i\mathrm{tr}((I-M_i)K_i)/\sum_i\mathrm{tr}K_i` of
+    :func:`_rest_shrinkage` for leverages ``M`` and blocks ``K`` (both (m, K', K')), and its
+    standard error over the points (delta method; NaN for one point). NaN ratio when no point
+    has a gradient."""
+    b = K.diagonal(dim1=1, dim2=2).sum(1)  # tr K_i
+    if not b.sum() > 0:
+        return float("nan"), float("nan")
+    a = (K - M @ K).diagonal(dim1=1, dim2=2).sum(1)  # tr((I − M_i) K_i)
+    ratio = float(a.sum() / b.sum())
+    se = float((a - ratio * b).std() / (b.mean() * len(b) ** 0.5)) if len(b) > 1 else \
+        float("nan")
+    return ratio, se
 
 
 def _lossless(t, dtype):
