@@ -9,9 +9,13 @@ estimate, Spearman correlation of the per-point leave-one-out losses (on the poi
 measured), invalid points (max eig A_iP_i ≥ 1), time.
 
 Part ``scale``: n = 60,000 (``--n-large``), an MLP 784-512-10 and a small CNN, one epoch of
-Adam each, then ``'cavity'`` with its default points: time relative to one training epoch (same
-images, batch size 256), peak resident memory while it runs (reset after training), its
-standard error.
+Adam each, then ``'cavity'`` in each configuration of ``--configs`` (``POINTS:CURVATURE``:
+the points it keeps and the samples its EKFAC is estimated from, ``all`` or a number, what
+``ApproxLOO(n_points=, n_curvature_samples=)`` set; the first is the default): time relative
+to one training epoch (same images, batch size 256), peak resident memory while it runs
+(reset after training), its standard error. Configurations with the same number of points
+measure the same points (a random subset of n, nested across sizes), so the gap of an EKFAC
+from a subsample is compared on the same points with the one from all n.
 
 Part ``shrinkage``: the leverage shrinkage s that ``'cavity'`` solves for on its points, against
 the same ratio computed from the exact leverages of all n points (``--sizes``, ``--nets``,
@@ -67,6 +71,9 @@ def parse_args(argv=None):
     p.add_argument("--lbfgs-iters", type=int, default=300)
     p.add_argument("--n-large", type=int, default=60_000)
     p.add_argument("--lam-large", type=float, default=1e-3)
+    p.add_argument("--configs", default="1000:all,300:all,300:10000",
+                   help="scale part: POINTS:CURVATURE configurations of 'cavity' (CURVATURE: "
+                        "'all' or the samples its EKFAC is estimated from)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="scale part: print where approx_loo's time goes (cProfile, cumulative)")
@@ -184,9 +191,35 @@ def small_cnn(seed):
                          nn.Flatten(), nn.Linear(16 * 7 * 7, 10))
 
 
+def scale_configs(text, n):
+    """[(points, curvature samples)] from ``POINTS:CURVATURE,...`` ('all' = n)."""
+    out = []
+    for spec in text.split(","):
+        m, nc = spec.split(":")
+        out.append((int(m), n if nc == "all" else int(nc)))
+    return out
+
+
+def scale_data(model, X, y, n, m, nc, points, others):
+    """ModelData of ``nc`` curvature samples containing the ``m`` points (all n if nc = n), and
+    the points' positions in it. The others are a random permutation of the rest: together a
+    uniform random subsample with uniform random points in it, as
+    ``ApproxLOO(n_points=m, n_curvature_samples=nc)`` draws them."""
+    S = points[:m]
+    if nc >= n:
+        return ModelData(model, nn.CrossEntropyLoss(), X, y, batch_size=256), np.sort(S)
+    sub = np.sort(np.concatenate([S, others[:nc - m]]))
+    md = ModelData(model, nn.CrossEntropyLoss(), X[sub], y[sub], batch_size=256, n_train=n)
+    return md, np.searchsorted(sub, np.sort(S))
+
+
 def scale_part(args):
     X, y = C.load_mnist(args.data, args.n_large)
-    lam = args.lam_large
+    n, lam = len(X), args.lam_large
+    configs = scale_configs(args.configs, n)
+    rng = np.random.RandomState(args.seed)
+    points = rng.permutation(n)[:max(m for m, _ in configs)]  # nested: the first m of them
+    others = rng.permutation(np.setdiff1d(np.arange(n), points))
     rows = []
     for name, model in (("MLP 784-512-10", C.mlp((784, 512, 10), seed=args.seed)),
                         ("CNN c8-c16-fc", small_cnn(args.seed))):
@@ -194,29 +227,38 @@ def scale_part(args):
         gen = torch.Generator().manual_seed(args.seed)
         ep_w, ep_c, _ = C.timed_cpu(lambda: C.train_epoch(model, opt, X, y, 256, gen))
         model.eval()
-        md = ModelData(model, nn.CrossEntropyLoss(), X, y, batch_size=256)
-        base_rss = C.rss_bytes()
-        C.reset_peak_rss()
-        call = lambda: approx_loo(md, lam, "cavity", random_state=args.seed)  # noqa: E731
-        if args.profile:
-            prof = cProfile.Profile()
-            call = (lambda f: lambda: prof.runcall(f))(call)
-        w, c, res = run(call)
-        peak = C.peak_rss_bytes()
-        if args.profile:
-            print(f"# where the time of {name} goes (cumulative CPU s, epoch {ep_c:.2f} s)")
-            pstats.Stats(prof).sort_stats("cumulative").print_stats(r"softrank/(loo|curvature)")
-        its = res.diagnostics["rest_shrinkage_iterations"]
-        rows.append([name, f"{C.n_params(model):,}", args.n_large, len(res.indices),
-                     f"{res.diagnostics['rest_shrinkage']:.3f} "
-                     f"({its['quarter of the points']} + {its['all points']})",
-                     f"{res.gap:.4f} ± {res.stderr:.4f}", res.diagnostics["invalid_points"],
-                     f"{w:.0f} s / {ep_w:.1f} s = {w / ep_w:.1f}",
-                     f"{c:.0f} s / {ep_c:.1f} s = {c / ep_c:.1f}",
-                     C.gib(peak), C.gib(peak - base_rss)])
-        print(rows[-1], flush=True)
-    return C.table(rows, ["net", "p", "n", "points", "s (iterations: m/4 + m)", "gap ± stderr",
-                          "invalid",
+        full_gap = {}  # points → gap with the EKFAC of all n
+        for m, nc in configs:
+            md, idx = scale_data(model, X, y, n, m, nc, points, others)
+            base_rss = C.rss_bytes()
+            C.reset_peak_rss()
+            call = lambda: approx_loo(md, lam, "cavity", indices=idx)  # noqa: E731
+            if args.profile:
+                prof = cProfile.Profile()
+                call = (lambda f: lambda: prof.runcall(f))(call)
+            w, c, res = run(call)
+            peak = C.peak_rss_bytes()
+            if args.profile:
+                print(f"# where the time of {name}, {m} points, EKFAC from {nc} goes "
+                      f"(cumulative CPU s, epoch {ep_c:.2f} s)")
+                pstats.Stats(prof).sort_stats("cumulative").print_stats(
+                    r"softrank/(loo|curvature)")
+            if nc >= n:
+                full_gap[m] = res.gap
+            same = (f"{(res.gap - full_gap[m]) / full_gap[m]:+.1%}"
+                    if nc < n and m in full_gap else "")
+            its = res.diagnostics["rest_shrinkage_iterations"]
+            rows.append([name, f"{C.n_params(model):,}", n, m, "all" if nc >= n else nc,
+                         f"{res.diagnostics['rest_shrinkage']:.3f} "
+                         f"({its['quarter of the points']} + {its['all points']})",
+                         f"{res.gap:.4f} ± {res.stderr:.4f}", same,
+                         res.diagnostics["invalid_points"],
+                         f"{w:.0f} s / {ep_w:.1f} s = {w / ep_w:.1f}",
+                         f"{c:.0f} s / {ep_c:.1f} s = {c / ep_c:.1f}",
+                         C.gib(peak), C.gib(peak - base_rss)])
+            print(rows[-1], flush=True)
+    return C.table(rows, ["net", "p", "n", "points", "EKFAC from", "s (iterations: m/4 + m)",
+                          "gap ± stderr", "vs EKFAC from all, same points", "invalid",
                           "wall: cavity / epoch", "CPU: cavity / epoch",
                           "peak RSS (process)", "peak − RSS before"])
 

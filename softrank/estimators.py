@@ -1080,7 +1080,13 @@ class ApproxLOO(GapEstimator):
         construction (no invalid points), memory flat in n, with ``stderr_`` over the points
         (it does not cover the approximation's bias: on MNIST MLPs at n = 1,000 and 3,000,
         λ from 1e-4 to 1e-1, the estimate was 10–14 % above the exact one on the same points
-        with 30 % of the points kept, 15–42 % above with 10 % kept).
+        with 30 % of the points kept, 15–42 % above with 10 % kept). Its time: EKFAC's two
+        passes over the curvature samples (``n_curvature_samples`` shortens them; the EKFAC
+        of the other points is a mean, so a subsample changes the gap little) and a few
+        kernels and Cholesky factorizations of size ``n_points``·(K−1) (time ∝ n_points²);
+        at n = 60,000 on an MLP 784-512-10 (CPU), 46 training epochs with the defaults and
+        6.8 with ``n_points=300, n_curvature_samples=10000`` (a standard error 2.2× larger; the
+        gap 1.3 % from that with the EKFAC of all n, on the same points).
         'kfac': P_i from the Kronecker factors, any n; it fails on wide or memorizing nets,
         where KFAC spreads a point's own curvature over the layer and many points get
         max eig :math:`A_iP_i \ge 1` (invalid steps: counted and warned about).

@@ -543,15 +543,40 @@ def _cg_blocks(md, L, indices, tol, maxiter, preconditioner):
                     "max_relative_residual": float(cg.relative_residual.max())}
 
 
-def _points(md, n_points, default, random_state):
+def _points(md, n_points, default, random_state, indices=None):
+    if indices is not None:
+        return _given_points(md, n_points, indices)
     m = min(default, md.n) if n_points is None else int(n_points)
     if not 1 <= m <= md.n:
         raise ValueError(f"n_points must be in 1..{md.n}; got {n_points}")
     return np.sort(check_random_state(random_state).choice(md.n, m, replace=False))
 
 
+def _given_points(md, n_points, indices):
+    """The points ``indices`` (into the curvature samples), checked and sorted."""
+    idx = np.asarray(indices)
+    if idx.ndim != 1 or idx.size == 0 or not (np.issubdtype(idx.dtype, np.integer)
+                                              or idx.dtype == bool):
+        raise ValueError("indices must be a non-empty 1-D array of integer positions into the "
+                         f"curvature samples; got {idx.dtype} of shape {idx.shape}")
+    if idx.dtype == bool:
+        raise ValueError("indices must be integer positions, not a boolean mask "
+                         "(use np.flatnonzero(mask))")
+    if idx.min() < 0 or idx.max() >= md.n:
+        raise ValueError(f"indices must lie in 0..{md.n - 1} (the curvature samples); got "
+                         f"{int(idx.min())}..{int(idx.max())}")
+    idx = np.sort(idx.astype(np.int64))
+    if (np.diff(idx) == 0).any():
+        raise ValueError("indices must not repeat a point; got "
+                         f"{int(idx[1:][np.diff(idx) == 0][0])} more than once")
+    if n_points is not None and int(n_points) != len(idx):
+        raise ValueError(f"n_points={n_points} contradicts the {len(idx)} given indices; pass "
+                         "one of them")
+    return idx
+
+
 def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
-               random_state=None, tol: float = 1e-8, maxiter: int = 500,
+               indices=None, random_state=None, tol: float = 1e-8, maxiter: int = 500,
                preconditioner: str | None = "kfac", memory_budget=None) -> LOOResult:
     r"""Approximate leave-one-out estimate of the test loss of ``md``'s network.
 
@@ -568,8 +593,12 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     n_points : int or None
         Points of 'cavity' (default ``softrank.memory.LOO_CAVITY_POINTS``, at most n) and
         'subsample' (default all).
+    indices : array-like of int, shape (m,), or None
+        The points to measure, as positions into the curvature samples ('cavity' and
+        'subsample' only), instead of ``n_points`` random ones; ``stderr`` then treats them
+        as a random sample.
     random_state : int, RandomState or None
-        Seeds the choice of points ('cavity', 'subsample').
+        Seeds the choice of points ('cavity', 'subsample') when ``indices`` is None.
     tol, maxiter, preconditioner
         Conjugate gradients of 'subsample' (relative residual, iteration cap, 'kfac' or None).
     memory_budget : int, str or None
@@ -597,7 +626,9 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     Raises
     ------
     ValueError
-        For an unknown method, or ``n_points`` outside 1..n (the curvature samples).
+        For an unknown method, ``n_points`` outside 1..n (the curvature samples), or
+        ``indices`` that are not distinct positions in 0..n−1, that disagree with
+        ``n_points``, or that are given to a method measuring every point ('exact', 'kfac').
     MemoryError
         When ``memory_budget`` is exceeded.
 
@@ -623,11 +654,17 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     md.require_labels("ApproxLOO")
     if method not in LOO_METHODS:
         raise ValueError(f"method must be one of {LOO_METHODS}; got {method!r}")
-    method = memory.resolve_loo_method(md, method)
+    resolved = memory.resolve_loo_method(md, method)
+    if indices is not None and resolved not in ("cavity", "subsample"):
+        how = f"method={method!r}" + (f" (resolved to {resolved!r})" if method != resolved else "")
+        raise ValueError(f"indices selects the points of 'cavity' and 'subsample'; {how} "
+                         "measures every point (take result.loo_losses[indices], or pass "
+                         "method='cavity')")
+    method = resolved
     L = as_lam(lam, md.param_names, md.sizes)
     if method in ("cavity", "subsample"):
         default = memory.LOO_CAVITY_POINTS if method == "cavity" else md.n
-        indices = _points(md, n_points, default, random_state)
+        indices = _points(md, n_points, default, random_state, indices)
     else:
         indices = np.arange(md.n)
     if memory_budget is not None:

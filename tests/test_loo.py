@@ -414,3 +414,60 @@ def test_subsample_not_converged_warns_and_has_no_stderr():
                          preconditioner=None)
     assert not res.diagnostics["converged"] and res.diagnostics["max_relative_residual"] > 1e-8
     assert np.isnan(res.stderr) and res.diagnostics["sampling_stderr"] > 0
+
+
+@pytest.mark.parametrize("method", ["cavity", "subsample"])
+def test_given_indices_measure_those_points(method):
+    net, X, y = _small_mlp_data(13, n=36)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
+    drawn = approx_loo(md, 0.05, method, n_points=9, random_state=3)
+    given = approx_loo(md, 0.05, method, indices=drawn.indices[::-1].tolist())  # order free
+    np.testing.assert_array_equal(given.indices, drawn.indices)
+    np.testing.assert_allclose(given.loo_losses, drawn.loo_losses, rtol=1e-12)
+    assert given.gap == pytest.approx(drawn.gap, rel=1e-12)
+    assert given.stderr == pytest.approx(drawn.stderr, rel=1e-12)
+    # the points a subset of another run's: the same points, another estimate of the others
+    other = approx_loo(md, 0.05, method, indices=np.arange(0, 36, 4))
+    np.testing.assert_array_equal(other.indices, np.arange(0, 36, 4))
+
+
+def test_given_indices_errors():
+    net, X, y = _small_mlp_data(14, n=20)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
+    cases = [([1, 1, 2], "must not repeat a point; got 1"),
+             ([0, 20], r"must lie in 0\.\.19"), ([-1, 3], r"must lie in 0\.\.19"),
+             ([], "non-empty 1-D"), ([[0, 1]], "non-empty 1-D"), ([0.0, 1.0], "integer"),
+             (np.zeros(20, bool), "not a boolean mask")]
+    for idx, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            approx_loo(md, 0.1, "cavity", indices=idx)
+    with pytest.raises(ValueError, match="n_points=3 contradicts the 2 given indices"):
+        approx_loo(md, 0.1, "subsample", n_points=3, indices=[0, 1])
+    for method in ("exact", "kfac", "auto"):
+        with pytest.raises(ValueError, match="measures every point"):
+            approx_loo(md, 0.1, method, indices=[0, 1])
+
+
+def test_bench_loo_scale_configurations_measure_the_same_points():
+    """bench_loo's scale part: a configuration with an EKFAC subsample measures the same points
+    (the same rows of X) as the one with all n, and keeps n as the training-set size."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_loo.py"
+    spec = importlib.util.spec_from_file_location("bench_loo_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.scale_configs("10:all,5:20", 50) == [(10, 50), (5, 20)]
+    net, X, y = _small_mlp_data(15, n=50)
+    rng = np.random.RandomState(0)
+    points = rng.permutation(50)[:10]
+    others = rng.permutation(np.setdiff1d(np.arange(50), points))
+    md_all, idx_all = bench.scale_data(net, X, y, 50, 5, 50, points, others)
+    md_sub, idx_sub = bench.scale_data(net, X, y, 50, 5, 20, points, others)
+    assert (md_all.n, md_sub.n, md_sub.n_train) == (50, 20, 50)
+    np.testing.assert_array_equal(md_all.X[idx_all], md_sub.X[idx_sub])
+    np.testing.assert_array_equal(np.sort(points[:5]), idx_all)
+    a = approx_loo(md_all, 0.1, "cavity", indices=idx_all)
+    b = approx_loo(md_sub, 0.1, "cavity", indices=idx_sub)
+    np.testing.assert_allclose(a.point_losses, b.point_losses, rtol=1e-12)
+    assert a.gap != b.gap  # the other points' EKFAC differs: from 20 samples against 50
