@@ -249,9 +249,11 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
 
     def _curvature_subset(self, X, y):
         m = self.n_curvature_samples
+        self._curvature_rows = None  # all of X
         if m is None or m >= len(X):
             return X, y
         idx = np.sort(check_random_state(self.random_state).choice(len(X), m, replace=False))
+        self._curvature_rows = idx
         return X[idx], y[idx]
 
     def _resolve_lam(self, net, md, lam_option):
@@ -1199,4 +1201,5 @@ class ApproxLOO(GapEstimator):
         self.soft_rank_ = res.soft_rank
         self.tic_gap_ = res.first_order_gap
         self.loo_losses_ = res.loo_losses
-        self.loo_indices_ = res.indices
+        rows = getattr(self, "_curvature_rows", None)  # positions of the curvature samples in X
+        self.loo_indices_ = res.indices if rows is None else rows[res.indices]

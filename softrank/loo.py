@@ -555,7 +555,9 @@ def _points(md, n_points, default, random_state, indices=None):
 def _given_points(md, n_points, indices):
     """The points ``indices`` (into the curvature samples), checked and sorted."""
     idx = np.asarray(indices)
-    if idx.ndim != 1 or idx.size == 0 or not (np.issubdtype(idx.dtype, np.integer)
+    if idx.size == 0:
+        raise ValueError("indices must name at least one point; got an empty array")
+    if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer)
                                               or idx.dtype == bool):
         raise ValueError("indices must be a non-empty 1-D array of integer positions into the "
                          f"curvature samples; got {idx.dtype} of shape {idx.shape}")
@@ -729,8 +731,8 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
         train_loss = float(torch.cat([fam.loss(b.z, b.y) for b in md.batches(None)]).mean())
         gap = float(diffs.mean())
         stderr = float(diffs.std(ddof=1) / np.sqrt(len(diffs))) if len(diffs) > 1 else float("nan")
-        if method == "cavity" and len(indices) == md.n:
-            stderr = None  # every point: nothing sampled
+        if method == "cavity" and len(indices) == md.n == n:
+            stderr = None  # every training point: nothing sampled
     else:
         train_loss, gap, stderr = float(own.mean()), float(loo.mean() - own.mean()), None
     if method == "subsample" and not diagnostics["converged"]:

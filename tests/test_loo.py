@@ -436,7 +436,7 @@ def test_given_indices_errors():
     md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
     cases = [([1, 1, 2], "must not repeat a point; got 1"),
              ([0, 20], r"must lie in 0\.\.19"), ([-1, 3], r"must lie in 0\.\.19"),
-             ([], "non-empty 1-D"), ([[0, 1]], "non-empty 1-D"), ([0.0, 1.0], "integer"),
+             ([], "at least one point; got an empty array"), ([[0, 1]], "non-empty 1-D"), ([0.0, 1.0], "integer"),
              (np.zeros(20, bool), "not a boolean mask")]
     for idx, msg in cases:
         with pytest.raises(ValueError, match=msg):
@@ -471,3 +471,13 @@ def test_bench_loo_scale_configurations_measure_the_same_points():
     b = approx_loo(md_sub, 0.1, "cavity", indices=idx_sub)
     np.testing.assert_allclose(a.point_losses, b.point_losses, rtol=1e-12)
     assert a.gap != b.gap  # the other points' EKFAC differs: from 20 samples against 50
+
+
+def test_cavity_on_every_curvature_sample_of_a_larger_set_has_a_stderr():
+    """All curvature samples kept, but they are a subsample of n_train: still a sample."""
+    net, X, y = _small_mlp_data(16, n=24)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8, n_train=60)
+    res = approx_loo(md, 0.1, "cavity", n_points=24)
+    assert res.stderr is not None and res.stderr > 0
+    full = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
+    assert approx_loo(full, 0.1, "cavity", n_points=24).stderr is None

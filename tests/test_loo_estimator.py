@@ -93,3 +93,21 @@ def test_bad_input(fitted):
         ApproxLOO(net, lam=-1.0).fit(X, y)
     with pytest.raises(ValueError, match="labels outside the classes|not seen"):
         ApproxLOO(net).fit(X, np.full(len(y), 7))
+
+
+def test_loo_indices_are_rows_of_the_fit_data_with_a_curvature_subsample(fitted):
+    """With n_curvature_samples, loo_indices_ point into X (not into the subsample): each
+    point's own loss there is the one the estimate measured."""
+    net, X, y = fitted
+    est = ApproxLOO(net, method="cavity", n_points=15, n_curvature_samples=40,
+                    random_state=0).fit(X, y)
+    rows = np.sort(np.random.RandomState(0).choice(len(X), 40, replace=False))
+    assert set(est.loo_indices_) <= set(rows)  # rows of X, from the curvature subsample
+    sub = ModelData(net.module_, net.criterion_, X[rows], y[rows], n_train=len(X),
+                    output_transform=output_transform(net))
+    ref = approx_loo(sub, 1e-2, "cavity", indices=np.searchsorted(rows, est.loo_indices_))
+    np.testing.assert_allclose(est.loo_losses_, ref.loo_losses, rtol=1e-10)
+    full = ModelData(net.module_, net.criterion_, X, y, output_transform=output_transform(net))
+    own = torch.cat([full.family.loss(b.z, b.y) for b in full.batches(None)]).numpy()
+    np.testing.assert_allclose(own[est.loo_indices_], ref.point_losses, rtol=1e-10)
+    assert est.stderr_ > 0
