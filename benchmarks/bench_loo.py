@@ -71,7 +71,7 @@ def parse_args(argv=None):
     p.add_argument("--lbfgs-iters", type=int, default=300)
     p.add_argument("--n-large", type=int, default=60_000)
     p.add_argument("--lam-large", type=float, default=1e-3)
-    p.add_argument("--configs", default="1000:all,300:all,300:10000",
+    p.add_argument("--configs", default="1000:all,500:all,500:20000,300:all,300:10000",
                    help="scale part: POINTS:CURVATURE configurations of 'cavity' (CURVATURE: "
                         "'all' or the samples its EKFAC is estimated from)")
     p.add_argument("--quick", action="store_true")
@@ -205,12 +205,12 @@ def scale_data(model, X, y, n, m, nc, points, others):
     the points' positions in it. The others are a random permutation of the rest: together a
     uniform random subsample with uniform random points in it, as
     ``ApproxLOO(n_points=m, n_curvature_samples=nc)`` draws them."""
-    S = points[:m]
+    S = np.sort(points[:m])
     if nc >= n:
-        return ModelData(model, nn.CrossEntropyLoss(), X, y, batch_size=256), np.sort(S)
+        return ModelData(model, nn.CrossEntropyLoss(), X, y, batch_size=256), S
     sub = np.sort(np.concatenate([S, others[:nc - m]]))
     md = ModelData(model, nn.CrossEntropyLoss(), X[sub], y[sub], batch_size=256, n_train=n)
-    return md, np.searchsorted(sub, np.sort(S))
+    return md, np.searchsorted(sub, S)
 
 
 def scale_part(args):

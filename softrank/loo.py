@@ -557,8 +557,7 @@ def _given_points(md, n_points, indices):
     idx = np.asarray(indices)
     if idx.size == 0:
         raise ValueError("indices must name at least one point; got an empty array")
-    if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer)
-                                              or idx.dtype == bool):
+    if idx.ndim != 1 or not (np.issubdtype(idx.dtype, np.integer) or idx.dtype == bool):
         raise ValueError("indices must be a non-empty 1-D array of integer positions into the "
                          f"curvature samples; got {idx.dtype} of shape {idx.shape}")
     if idx.dtype == bool:

@@ -436,7 +436,8 @@ def test_given_indices_errors():
     md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
     cases = [([1, 1, 2], "must not repeat a point; got 1"),
              ([0, 20], r"must lie in 0\.\.19"), ([-1, 3], r"must lie in 0\.\.19"),
-             ([], "at least one point; got an empty array"), ([[0, 1]], "non-empty 1-D"), ([0.0, 1.0], "integer"),
+             ([], "at least one point; got an empty array"), ([[0, 1]], "non-empty 1-D"),
+             ([0.0, 1.0], "integer"),
              (np.zeros(20, bool), "not a boolean mask")]
     for idx, msg in cases:
         with pytest.raises(ValueError, match=msg):
