@@ -1093,11 +1093,15 @@ class ApproxLOO(GapEstimator):
         where KFAC spreads a point's own curvature over the layer and many points get
         max eig :math:`A_iP_i \ge 1` (invalid steps: counted and warned about).
         'subsample': ``n_points`` random points, P_i by conjugate gradients
-        (KFAC-preconditioned) against the full-data Fisher, with ``stderr_`` (NaN, with a
-        warning, when conjugate gradients did not converge).
+        (KFAC-preconditioned) against the full-data Fisher, with ``stderr_``; a rigorous
+        bound on each block's solver error gives a first-order bound on the gap's
+        (``result_.diagnostics['solver_error_bound']``, loss units), and ``stderr_`` is NaN,
+        with a warning, only when that bound exceeds a tenth of it.
     n_points : int or None, default=None
-        Points for 'cavity' (default ``softrank.memory.LOO_CAVITY_POINTS`` = 1000, at most n)
-        and 'subsample' (default: all).
+        Points for 'cavity' (default ``softrank.memory.LOO_CAVITY_POINTS`` = 1000) and
+        'subsample' (default: all). A value above the curvature samples is clipped to them,
+        so that one setting serves cross-validation folds of any size; 'cavity' keeping every
+        point is the exact computation (``len(loo_indices_)`` tells how many were kept).
     memory_budget : int, str or None, default=None
         As for the other estimators, checked against
         :func:`softrank.memory.estimate_loo_memory` of ``method`` ('exact': a Cholesky of size

@@ -94,6 +94,9 @@ _SHRINK_MAXITER = 100
 #: whether that iteration on all the points also stops once s changes by less than its
 #: standard error over the points
 _SHRINK_WITHIN_STDERR = True
+#: 'subsample' reports its standard error while the conjugate-gradient error bound on the gap
+#: stays below this share of it (then the solver's error is negligible beside the sampling's)
+_SOLVER_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -379,7 +382,7 @@ def _cavity_blocks(md, L, indices, fisher_space, rest="ekfac"):
     if rest == "rescale":
         c = (n - 1) / (m - 1)
         return (*_woodbury(md, _lam_weights(md.rules, L, n), indices, c, fisher_space), c, {})
-    require_kfac_capable(md.rules, "ApproxLOO(method='cavity')")
+    require_kfac_capable(md.rules, "approximate leave-one-out (method='cavity')")
     F = KroneckerCurvature(md, "fisher", "fisher", ekfac=True)
     if rest == "ekfac_mean":  # no shrinkage (s = 1): the alternative it was chosen against
         return (*_woodbury(md, _eigenbasis_weights(F, L, n - m, n), indices, 1.0, fisher_space),
@@ -427,9 +430,9 @@ def _rest_shrinkage(md, F, L, indices):
                 return s, M, z, y, se, it
             s, last = new, s
         warnings.warn(
-            f"ApproxLOO(method='cavity'): the shrinkage of the other points' curvature did not "
-            f"settle in {_SHRINK_MAXITER} iterations (s = {last:.4g}, next {s:.4g}); the "
-            "estimate uses the last", RuntimeWarning, stacklevel=5)
+            f"Approximate leave-one-out (method='cavity'): the shrinkage of the other points' "
+            f"curvature did not settle in {_SHRINK_MAXITER} iterations (s = {last:.4g}, next "
+            f"{s:.4g}); the estimate uses the last", RuntimeWarning, stacklevel=5)
         return last, M, z, y, se, _SHRINK_MAXITER
 
     s, pilot = 1.0, 0
@@ -531,16 +534,51 @@ class _EigenbasisPreconditioner(Curvature):
 
 
 def _cg_blocks(md, L, indices, tol, maxiter, preconditioner):
+    r"""Blocks :math:`J_i(F+\Lambda)^{-1}J_i^\top` (m, K, K) by conjugate gradients, a bound
+    on each entry's solver error (same shape; see :func:`_solve_error_bounds`), and the
+    solver's diagnostics."""
     op = GGNOperator(md, tol=tol, maxiter=maxiter, preconditioner=preconditioner)
     xs = md.X[indices].to(md.device)
-    J = per_sample_jacobians(md, xs).double()  # (m, K, p)
-    mK = J.shape[0] * J.shape[1]
-    X = op.solve(J.reshape(mK, -1).T.cpu(), L)  # (p, mK)
-    blocks = torch.einsum("ikp,pil->ikl", J.cpu(), X.view(-1, J.shape[0], J.shape[1]))
+    J = per_sample_jacobians(md, xs).double().cpu()  # (m, K, p)
+    m, K = J.shape[:2]
+    X = op.solve(J.reshape(m * K, -1).T, L)  # (p, mK)
+    blocks = torch.einsum("ikp,pil->ikl", J, X.view(-1, m, K))
     cg = op.last_cg
-    return blocks, {"cg_iterations": cg.iterations, "n_matvec": op.n_matvec,
-                    "converged": bool(cg.converged.all()),
-                    "max_relative_residual": float(cg.relative_residual.max())}
+    residual = cg.relative_residual.double() * J.reshape(m * K, -1).norm(dim=1)
+    bounds = _solve_error_bounds(blocks, X.norm(dim=0).view(m, K), residual.view(m, K),
+                                 float(L.vector.min()))
+    return blocks, bounds, {"cg_iterations": cg.iterations, "n_matvec": op.n_matvec,
+                            "converged": bool(cg.converged.all()),
+                            "max_relative_residual": float(cg.relative_residual.max())}
+
+
+def _solve_error_bounds(blocks, x_norm, r_norm, mu):
+    r"""Bounds on :math:`|b_k^\top A^{-1}b_l - b_k^\top x_l|` for the entries of ``blocks``
+    (m, K, K), :math:`A = F + \Lambda \succeq \mu I` (μ = min Λ, F a GGN, positive
+    semi-definite), from the conjugate-gradient iterates :math:`x_l` with residual norms
+    ``r_norm`` and norms ``x_norm`` (both (m, K)). With :math:`e_l = A^{-1}b_l - x_l`,
+    :math:`|b_k^\top e_l| = |x_k^{*\top}Ae_l| \le \|x_k^*\|_A\|e_l\|_A`,
+    :math:`\|e_l\|_A \le \|r_l\|/\sqrt\mu` and :math:`\|x_k^*\|_A \le \|x_k\|_A +
+    \|e_k\|_A`, :math:`\|x_k\|_A^2 = x_k^\top b_k - x_k^\top r_k`; the smaller of the two
+    orders (k, l). Rigorous up to rounding (Cauchy–Schwarz in the A inner product)."""
+    bx = blocks.diagonal(dim1=1, dim2=2).clamp_min(0.0)
+    e = r_norm / mu ** 0.5  # ‖e_l‖_A
+    x_a = (bx + x_norm * r_norm).sqrt() + e  # ‖x*_k‖_A
+    b = x_a[:, :, None] * e[:, None, :]
+    return torch.minimum(b, b.transpose(1, 2))
+
+
+def _solver_gap_bound(fam, z, y, P, P_bound) -> float:
+    """First-order bound on the gap's change when each entry of the blocks P (m, K, K) moves
+    by at most ``P_bound`` (same shape): mean over points of Σ |∂ loss_i/∂P_i| · bound."""
+    P = P.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        A = fam.factor(z, y) @ fam.factor(z, y).transpose(1, 2)
+        eye = torch.eye(z.shape[1], dtype=torch.float64)
+        r = fam.residual(z, y)
+        shift = (P @ torch.linalg.solve(eye - A @ P, r.unsqueeze(2))).squeeze(2)
+        (grad,) = torch.autograd.grad(fam.loss(z + shift, y).sum(), P)
+    return float((grad.abs() * P_bound).sum() / len(z))
 
 
 def _points(md, n_points, default, random_state, indices=None):
@@ -611,9 +649,14 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     LOOResult
         ``gap`` and ``estimated_test_loss`` in loss units; ``stderr`` (a standard error over
         the sampled points for 'cavity' and 'subsample'; None where every point is used; NaN
-        when conjugate gradients did not converge, since then it would not cover the solver's
-        error); ``diagnostics`` with ``invalid_points`` (points with max eig :math:`A_iP_i \ge
-        1`, whose step is meaningless) and ``max_point_leverage``; for 'cavity' with
+        for 'subsample' when the solver's error bound exceeds a tenth of it, since then it
+        would not cover that error); ``diagnostics`` with ``invalid_points`` (points with max
+        eig :math:`A_iP_i \ge 1`, whose step is meaningless) and ``max_point_leverage``; for
+        'subsample' also ``solver_error_bound`` (loss units: a first-order bound on the gap's
+        conjugate-gradient error, from rigorous bounds on each block's entries,
+        :math:`\|x_k^*\|_A\,\|r_l\|/\sqrt{\min\Lambda}`), ``converged`` (whether ``tol``
+        was reached; the bound decides the stderr) and, when stderr is NaN,
+        ``sampling_stderr``; for 'cavity' with
         ``n_points`` < n also ``rest_shrinkage`` (s, dimensionless, in (0, 1]),
         ``rest_shrinkage_stderr`` (its standard error over the points) and
         ``rest_shrinkage_iterations`` (fixed-point iterations on a quarter of the points and
@@ -622,7 +665,8 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     Warns
     -----
     RuntimeWarning
-        When some points' steps are invalid, or conjugate gradients did not converge.
+        When some points' steps are invalid, or the conjugate-gradient error bound on the gap
+        exceeds a tenth of the standard error ('subsample').
 
     Raises
     ------
@@ -678,10 +722,12 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     if method == "subsample":
         kfac = preconditioner == "kfac" and all(r.kfac_capable for r in md.rules)
         prec = _EigenbasisPreconditioner(md, L) if kfac else None  # no KFAC for the layers: plain CG
-        blocks, cg_diag = _cg_blocks(md, L, torch.as_tensor(indices), tol, maxiter, prec)
+        blocks, bounds, cg_diag = _cg_blocks(md, L, torch.as_tensor(indices), tol, maxiter,
+                                             prec)
         diagnostics.update(cg_diag)
         P = blocks / n
         z, y = _outputs(md, indices)
+        diagnostics["solver_error_bound"] = _solver_gap_bound(fam, z, y, P, bounds / n)
     elif method == "kfac":
         blocks, z, y = _kfac_blocks(md, L)
         P = blocks / n
@@ -719,10 +765,10 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     diagnostics.update(max_point_leverage=float(leverage.max()), invalid_points=invalid)
     if invalid:
         warnings.warn(
-            f"ApproxLOO(method={method!r}): for {invalid} of {len(leverage)} points the "
-            f"approximate curvature does not dominate the point's own term (max eigenvalue of "
-            f"A_i P_i = {float(leverage.max()):.3g} ≥ 1), so their leave-one-out step is "
-            "invalid and the estimate is unreliable; use method='exact' or 'cavity'",
+            f"Approximate leave-one-out (method={method!r}): for {invalid} of {len(leverage)} "
+            "points the approximate curvature does not dominate the point's own term (max "
+            f"eigenvalue of A_i P_i = {float(leverage.max()):.3g} ≥ 1), so their leave-one-out "
+            "step is invalid and the estimate is unreliable; use method='exact' or 'cavity'",
             RuntimeWarning, stacklevel=2)
     rank_terms = M.diagonal(dim1=1, dim2=2).sum(1)
     if method in ("subsample", "cavity"):
@@ -734,16 +780,20 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
             stderr = None  # every training point: nothing sampled
     else:
         train_loss, gap, stderr = float(own.mean()), float(loo.mean() - own.mean()), None
-    if method == "subsample" and not diagnostics["converged"]:
+    bound = diagnostics.get("solver_error_bound", 0.0)
+    scale = stderr if stderr is not None and stderr > 0 else abs(gap)  # NaN: a single point
+    if method == "subsample" and not bound <= _SOLVER_SHARE * scale:
         diagnostics["sampling_stderr"] = stderr
         stderr = float("nan")
         warnings.warn(
-            f"ApproxLOO(method='subsample'): conjugate gradients did not converge (largest "
-            f"relative residual {diagnostics['max_relative_residual']:.3g} after "
-            f"{diagnostics['cg_iterations']} iterations, tol={tol:g}), so P_i and the estimate "
-            "carry an unknown solver error and stderr is NaN (the standard error over points "
-            "alone is diagnostics['sampling_stderr']); raise maxiter or use method='cavity'",
-            RuntimeWarning, stacklevel=2)
+            f"Approximate leave-one-out (method='subsample'): after "
+            f"{diagnostics['cg_iterations']} iterations of conjugate gradients (largest relative "
+            f"residual {diagnostics['max_relative_residual']:.3g}, tol={tol:g}) the solver's "
+            f"error in the gap may reach {bound:.3g} (first-order bound), more than "
+            f"{_SOLVER_SHARE:g} of the standard error over the points "
+            f"({diagnostics['sampling_stderr']:.3g}, in diagnostics['sampling_stderr'])"
+            f"{'' if scale == stderr else f' or of the gap ({abs(gap):.3g})'}, so "
+            "stderr is NaN; raise maxiter, or use method='cavity'", RuntimeWarning, stacklevel=2)
     return LOOResult(
         estimated_test_loss=train_loss + gap, train_loss=train_loss, gap=gap, stderr=stderr,
         loo_losses=loo, point_losses=own, loo_outputs=z_loo.numpy(), indices=indices,

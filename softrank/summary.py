@@ -146,7 +146,10 @@ class EstimateSummary:
             head += f"measure {_number(self.measure)}"
         lines = [head,
                  f"  n = {self.n}, Λ = {_number(self.lam)}, approximation = {self.approximation}"
-                 f", α = {_number(self.alpha)}, r = {_number(self.stationarity)}"
+                 + (", α not computed by this estimator" if self.alpha is None else
+                    f", α = {_number(self.alpha)}")
+                 + (", r not measured" if self.stationarity is None else
+                    f", r = {_number(self.stationarity)}")
                  + (" (finished)" if self.finished else "")
                  + ("" if self.invalid_points is None else
                     f", invalid leave-one-out points = {self.invalid_points}")]

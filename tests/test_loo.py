@@ -1,4 +1,6 @@
 """ApproxLOO (SPEC §4a) against brute-force leave-one-out refits, PRESS and exact identities."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -409,11 +411,45 @@ def test_auto_picks_exact_then_cavity(monkeypatch):
 def test_subsample_not_converged_warns_and_has_no_stderr():
     net, X, y = _small_mlp_data(13, n=30)
     md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
-    with pytest.warns(RuntimeWarning, match="did not converge"):
+    with pytest.warns(RuntimeWarning, match="solver's error in the gap may reach"):
         res = approx_loo(md, 1e-3, "subsample", n_points=6, random_state=0, maxiter=2,
                          preconditioner=None)
     assert not res.diagnostics["converged"] and res.diagnostics["max_relative_residual"] > 1e-8
     assert np.isnan(res.stderr) and res.diagnostics["sampling_stderr"] > 0
+    assert res.diagnostics["solver_error_bound"] > 0.1 * res.diagnostics["sampling_stderr"]
+
+
+def test_subsample_solver_error_bounds_hold():
+    """The bounds on the blocks' CG error hold entry by entry at every iteration count (against
+    a solve to 1e-14), the first-order bound on the gap holds where it is small, and an
+    unreached tol no longer costs the standard error once the bound is negligible beside it."""
+    net, X, y = _small_mlp_data(13, n=30)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
+    lam, idx = 1e-3, np.arange(0, 30, 5)
+    L = as_lam(lam, md.param_names, md.sizes)
+    ref, _, _ = loo_module._cg_blocks(md, L, torch.as_tensor(idx), 1e-14, 5000, None)
+    exact = approx_loo(md, lam, "exact")
+    exact_gap = float((exact.loo_losses - exact.point_losses)[idx].mean())
+    for maxiter in (1, 4, 16, 32, 64):
+        blocks, bounds, diag = loo_module._cg_blocks(md, L, torch.as_tensor(idx), 1e-14, maxiter,
+                                                  None)
+        assert not diag["converged"]
+        assert ((blocks - ref).abs() <= bounds).all(), maxiter
+    seen = set()
+    for maxiter in (2, 4, 8, 16, 32, 64, 128):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            res = approx_loo(md, lam, "subsample", indices=idx, maxiter=maxiter, tol=1e-14,
+                             preconditioner=None)
+        warned = any("solver's error in the gap" in str(w.message) for w in record)
+        bound, sampling = res.diagnostics["solver_error_bound"], float(np.std(
+            res.loo_losses - res.point_losses, ddof=1) / np.sqrt(len(idx)))
+        negligible = bound <= 0.1 * sampling
+        seen.add(negligible)
+        assert warned != negligible and np.isnan(res.stderr) != negligible, maxiter
+        if bound < 0.1 * abs(exact_gap):  # first order: where the bound is small
+            assert abs(res.gap - exact_gap) <= bound, maxiter
+    assert seen == {True, False}  # both cases met along the way
 
 
 @pytest.mark.parametrize("method", ["cavity", "subsample"])

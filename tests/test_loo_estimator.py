@@ -69,6 +69,13 @@ def test_cavity_and_auto(fitted):
     few = ApproxLOO(net, method="cavity", n_points=5, random_state=0).fit(X, y).summary()
     assert "Here only 8.3 % are kept" in few.statements[few.regimes.index("approximate_loo")]
     assert "approximate_loo" not in auto.summary().regimes
+    # n_points above the samples is clipped (one setting for folds of any size): every point
+    clipped = ApproxLOO(net, method="cavity", n_points=10 ** 6).fit(X, y)
+    assert len(clipped.loo_indices_) == len(X) and clipped.stderr_ is None
+    assert clipped.gap_ == pytest.approx(auto.gap_, rel=1e-8)
+    # ApproxLOO computes no α = Tr C/Tr F: the printout says so rather than a bare dash
+    assert s.alpha is None and "α not computed by this estimator" in str(s)
+    assert "α = —" not in str(s)
 
 
 def test_clone_pickle_and_grid_search(fitted):

@@ -281,6 +281,7 @@ def test_no_lambda_no_stationarity(data):
         warnings.simplefilter("error", NotStationaryWarning)
         est = TraceRatio(net).fit(X, y)
     assert est.stationarity_ is None and est.summary().stationarity is None
+    assert "r not measured" in str(est.summary())
     with pytest.raises(ValueError, match="no weight decay"):
         relative_stationarity(net, X, y)
     assert relative_stationarity(net, X, y, lam=1e-2) > 0
