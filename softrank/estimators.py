@@ -1101,7 +1101,8 @@ class ApproxLOO(GapEstimator):
         Points for 'cavity' (default ``softrank.memory.LOO_CAVITY_POINTS`` = 1000) and
         'subsample' (default: all). A value above the curvature samples is clipped to them,
         so that one setting serves cross-validation folds of any size; 'cavity' keeping every
-        point is the exact computation (``len(loo_indices_)`` tells how many were kept).
+        curvature sample is the exact computation on them (``len(loo_indices_)`` tells how
+        many were kept).
     memory_budget : int, str or None, default=None
         As for the other estimators, checked against
         :func:`softrank.memory.estimate_loo_memory` of ``method`` ('exact': a Cholesky of size
