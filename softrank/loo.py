@@ -568,15 +568,21 @@ def _solve_error_bounds(blocks, x_norm, r_norm, mu):
     return torch.minimum(b, b.transpose(1, 2))
 
 
+def _newton_shift(P, A, r, own_weight: float = 1.0):
+    r"""The leave-one-out step of the outputs, :math:`P_i(I - cA_iP_i)^{-1}r_i` (m, K), from
+    blocks P (m, K, K), output Hessians A (m, K, K) and residuals r (m, K); c = ``own_weight``."""
+    eye = torch.eye(P.shape[1], dtype=torch.float64)
+    return (P @ torch.linalg.solve(eye - own_weight * A @ P, r.unsqueeze(2))).squeeze(2)
+
+
 def _solver_gap_bound(fam, z, y, P, P_bound) -> float:
     """First-order bound on the gap's change when each entry of the blocks P (m, K, K) moves
     by at most ``P_bound`` (same shape): mean over points of Σ |∂ loss_i/∂P_i| · bound."""
+    B = fam.factor(z, y)
+    A, r = B @ B.transpose(1, 2), fam.residual(z, y)
     P = P.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        A = fam.factor(z, y) @ fam.factor(z, y).transpose(1, 2)
-        eye = torch.eye(z.shape[1], dtype=torch.float64)
-        r = fam.residual(z, y)
-        shift = (P @ torch.linalg.solve(eye - A @ P, r.unsqueeze(2))).squeeze(2)
+        shift = _newton_shift(P, A, r)
         (grad,) = torch.autograd.grad(fam.loss(z + shift, y).sum(), P)
     return float((grad.abs() * P_bound).sum() / len(z))
 
@@ -750,9 +756,7 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
         first = (s.transpose(1, 2) @ M @ s).reshape(-1)
     else:
         M = Bf.transpose(1, 2) @ P @ Bf
-        eye = torch.eye(z.shape[1], dtype=torch.float64)
-        A = Bf @ Bf.transpose(1, 2)
-        shift = (P @ torch.linalg.solve(eye - own_weight * A @ P, r.unsqueeze(2))).squeeze(2)
+        shift = _newton_shift(P, Bf @ Bf.transpose(1, 2), r, own_weight)
         first = torch.einsum("ik,ikl,il->i", r, P, r)
     z_loo = z + shift
     loo = fam.loss(z_loo, y).numpy()
