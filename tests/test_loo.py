@@ -518,3 +518,26 @@ def test_cavity_on_every_curvature_sample_of_a_larger_set_has_a_stderr():
     assert res.stderr is not None and res.stderr > 0
     full = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
     assert approx_loo(full, 0.1, "cavity", n_points=24).stderr is None
+
+
+def test_sampled_soft_rank_and_first_order_term_have_calibrated_stderrs():
+    """The soft rank and the first-order term of 'subsample' are means over its points: over
+    random subsets, their deviations from the values on every point, in units of the reported
+    standard errors, have an RMS near 1 (below it by the finite-population factor
+    √(1 − m/n) ≈ 0.79 here, since the standard error ignores it)."""
+    net, X, y = _small_mlp_data(4)
+    lam = 0.05
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=16)
+    exact = approx_loo(md, lam, "exact")
+    assert "soft_rank_stderr" not in exact.diagnostics
+    z_rank, z_first = [], []
+    for seed in range(30):
+        part = approx_loo(md, lam, "subsample", n_points=15, random_state=seed, tol=1e-10)
+        d = part.diagnostics
+        z_rank.append((part.soft_rank - exact.soft_rank) / d["soft_rank_stderr"])
+        z_first.append((part.first_order_gap - exact.first_order_gap)
+                       / d["first_order_gap_stderr"])
+    for z in (np.array(z_rank), np.array(z_first)):
+        assert 0.5 < np.sqrt(np.mean(z ** 2)) < 1.2
+    every = approx_loo(md, lam, "cavity", n_points=md.n)  # nothing sampled
+    assert every.stderr is None and "soft_rank_stderr" not in every.diagnostics

@@ -22,7 +22,7 @@ from softrank.study import (ResultStore, StudyJobError, TrainConfig, cli_main, e
                             read_csv, run_config, run_study, tau_table, write_csv)
 from softrank.study.analysis import ratio_summary, split_regimes
 from softrank.study.grid import MeasureOptions
-from softrank.study.measures import (_hessian_norms, _stationarity,
+from softrank.study.measures import (_hessian_norms, _loo, _stationarity,
                                      expected_calibration_error)
 from softrank.model import ModelData
 
@@ -708,3 +708,40 @@ def test_finished_view_and_stationarity_report():
     line = next(x for x in text.splitlines() if x.startswith("| `est_loo_exact`"))
     # as trained: ratio 10, τ +1 (same order); finished: ratios 1.1, 1.2, 1.3, τ +1
     assert line == "| `est_loo_exact` | 10 [10, 10] | +1.000 | 1.2 [1.12, 1.28] | +1.000 |"
+
+
+def test_loo_records_invalid_points_without_warning():
+    """The study records ApproxLOO's invalid points in the row instead of warning about them
+    for each model; 'cavity' takes ``loo_points`` (clipped to n), the other methods every
+    point."""
+    import warnings
+    from torch import nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 64), nn.Tanh(), nn.Linear(64, 3))
+    X, y = torch.randn(20, 5), torch.randint(0, 3, (20,))
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        row = _loo(md, 1e-4, "kfac", seed=0, points=5)
+        cav = _loo(md, 1e-4, "cavity", seed=0, points=50)
+    assert row["loo_kfac_invalid_points"] == 20 and "est_loo_kfac_stderr" not in row
+    assert cav["loo_cavity_invalid_points"] == 0
+    assert "est_loo_cavity_stderr" not in cav  # 50 clipped to the 20 points: nothing sampled
+    part = _loo(md, 1e-4, "cavity", seed=0, points=8)
+    assert part["est_loo_cavity_stderr"] > 0
+
+
+def test_loo_points_option_keeps_ids_of_grids_without_it():
+    base = TrainConfig(dataset="mnist")
+    same = TrainConfig(dataset="mnist", measures={"loo_points": 0})
+    other = TrainConfig(dataset="mnist", measures={"loo_points": 100})
+    assert base.id == same.id != other.id
+    with pytest.raises(ValueError, match="loo_points"):
+        TrainConfig(dataset="mnist", measures={"loo_points": -1})
+
+
+def test_estimate_columns_leave_out_standard_errors_of_finished_nets_too():
+    from softrank.study.analysis import estimate_columns
+    rows = [{"est_loo_cavity": 1.0, "est_loo_cavity_stderr": 0.1,
+             "est_loo_cavity_finished": 1.0, "est_loo_cavity_stderr_finished": 0.1}]
+    assert estimate_columns(rows) == ["est_loo_cavity", "est_loo_cavity_finished"]

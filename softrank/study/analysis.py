@@ -44,6 +44,8 @@ BASELINES = ("hessian_trace", "hessian_spectral", "alpha_train")
 #: α on the training data below which a model counts as over-fit (interpolating)
 REGIME_THRESHOLD = 0.5
 ESTIMATE_PREFIX = "est_"
+#: suffix of the columns measured again on the finished nets
+FINISHED = "_finished"
 
 
 def _finite(v: Any) -> bool:
@@ -68,9 +70,11 @@ def kendall_tau(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 def estimate_columns(rows: Iterable[dict]) -> list[str]:
-    """The gap-estimate columns (``est_*``) present, without standard errors."""
+    """The gap-estimate columns (``est_*``) present, without standard errors (also those of
+    finished nets, ``*_stderr_finished``)."""
     cols = dict.fromkeys(k for r in rows for k in r)
-    return [c for c in cols if c.startswith(ESTIMATE_PREFIX) and not c.endswith("_stderr")]
+    return [c for c in cols if c.startswith(ESTIMATE_PREFIX)
+            and not c.removesuffix(FINISHED).endswith("_stderr")]
 
 
 def measure_columns(rows: list[dict]) -> list[str]:
@@ -249,7 +253,6 @@ def markdown_report(rows: list[dict], threshold: float = REGIME_THRESHOLD,
 
 
 # -- as trained and finished -----------------------------------------------------------------------
-FINISHED = "_finished"
 
 
 def finished_view(rows: list[dict]) -> list[dict]:

@@ -48,7 +48,7 @@ OPTIMIZERS = ("adam", "sgd")
 CHOICES = {"arch": ARCHITECTURES, "optimizer": OPTIMIZERS, "dataset": DATASET_NAMES,
            "soft_rank": APPROXIMATIONS, "tic": APPROXIMATIONS, "loo": LOO_METHODS}
 #: integer fields that may be 0 (the others must be ≥ 1)
-_NON_NEGATIVE = {"seed", "data_seed", "finish"}
+_NON_NEGATIVE = {"seed", "data_seed", "finish", "loo_points"}
 #: number fields that must be > 0 (the others only finite)
 _POSITIVE = {"weight_decay", "lr"}
 
@@ -113,7 +113,8 @@ class MeasureOptions:
     n ≤ gram_samples). ``loo``: ApproxLOO methods ('exact': only when n ≤ gram_samples;
     'kfac': all points). ``hessian``: Tr H and λ_max(H) on ``hessian_samples`` training points
     (dense when p ≤ ``dense_max_params``, else matrix-free: Hutch++ with 3·``hessian_probes``
-    products, ``hessian_iterations`` Lanczos steps). ``test_samples``: test points for α on test
+    products, ``hessian_iterations`` Lanczos steps). ``loo_points``: the points 'cavity' keeps
+    exactly and 'subsample' measures (0: ApproxLOO's defaults, 1,000 and all). ``test_samples``: test points for α on test
     data. ``ece_bins``: equal-width confidence bins of the expected calibration error.
     """
 
@@ -130,6 +131,7 @@ class MeasureOptions:
     ece_bins: int = 15
     batch_size: int = 256
     finish: int = 0  # L-BFGS iterations to finish each net and measure it again (0: as trained)
+    loo_points: int = 0  # points of ApproxLOO 'cavity' and 'subsample' (0: their defaults)
 
     def __post_init__(self):
         _validate_fields(self, "measures.")
@@ -178,8 +180,9 @@ class TrainConfig:
     def id(self) -> str:
         """Stable 12-hex-digit id: SHA-1 of the canonical JSON of :meth:`to_dict`."""
         d = self.to_dict()
-        if not d["measures"]["finish"]:  # ids of grids without finishing stay as they were
-            del d["measures"]["finish"]
+        for key in ("finish", "loo_points"):  # ids of grids without them stay as they were
+            if not d["measures"][key]:
+                del d["measures"][key]
         text = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha1(text.encode()).hexdigest()[:12]
 

@@ -33,7 +33,8 @@ subsample's Fisher, which misses the directions pinned by the other points (at m
 m(K−1) of them), not the full one. ApproxLOO ``'exact'`` runs only when n ≤ ``gram_samples``:
 on a subsample each point's own share of the Fisher would be n/m too large and its leave-one-out
 step far too small, so above ``gram_samples`` the ``'cavity'`` method (valid at any n, with a
-standard error) runs in its place as ``est_loo_cavity`` (``skipped`` says so). The Hessian uses ``hessian_samples`` points.
+standard error, keeping ``loo_points`` points) runs in its place as ``est_loo_cavity``
+(``skipped`` says so). The Hessian uses ``hessian_samples`` points.
 """
 from __future__ import annotations
 
@@ -147,7 +148,7 @@ def measure_model(module, criterion, data, lam: float, options, seed: int = 0
             row.skipped.append(f"loo_exact: n={n} > gram_samples={options.gram_samples}; "
                                "loo_cavity instead")
             method = "cavity"
-        row.step(f"loo_{method}", lambda: _loo(md, lam, method, seed))
+        row.step(f"loo_{method}", lambda: _loo(md, lam, method, seed, options.loo_points))
     if options.hessian:
         md_h = _subsample(module, criterion, data.X_train, data.y_train,
                           options.hessian_samples, n, seed + 1, options)
@@ -200,10 +201,13 @@ def _fisher_measures(md: ModelData, lam: float, approx: str, alpha: float, optio
     return out
 
 
-def _loo(md: ModelData, lam: float, method: str, seed: int) -> dict[str, float]:
+def _loo(md: ModelData, lam: float, method: str, seed: int, points: int = 0
+         ) -> dict[str, float]:
+    n_points = min(points, md.n) if points and method in ("cavity", "subsample") else None
     with warnings.catch_warnings():  # the invalid points are recorded in the row instead
-        warnings.filterwarnings("ignore", message="ApproxLOO", category=RuntimeWarning)
-        res = approx_loo(md, lam, method, random_state=seed)
+        warnings.filterwarnings("ignore", message="Approximate leave-one-out",
+                                category=RuntimeWarning)
+        res = approx_loo(md, lam, method, n_points=n_points, random_state=seed)
     out = {f"est_loo_{method}": res.gap,
            f"loo_{method}_invalid_points": res.diagnostics.get("invalid_points"),
            f"loo_{method}_max_leverage": res.diagnostics.get("max_point_leverage")}
