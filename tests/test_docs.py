@@ -426,3 +426,33 @@ def test_no_control_characters_in_text():
            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
            if re.search(r"[\x00-\x08\x0b-\x1f]", line) or (path.suffix == ".md" and "\t" in line)]
     assert not bad, bad
+
+
+def test_loo_study_table_is_what_its_report_prints():
+    """The benchmarks page's table of ApproxLOO over the study's models is what
+    benchmarks/loo_study_report.py prints from the committed docs/study/loo_study.csv."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import loo_study_report
+    finally:
+        sys.path.pop(0)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        loo_study_report.main(["--csv", str(ROOT / "docs/study/loo_study.csv")])
+    names = {"mnist": "MNIST", "fashion_mnist": "Fashion-MNIST"}
+
+    def cells(line):
+        return [c.strip() for c in line.strip().strip("|").split("|")]
+
+    printed, dataset = [], None
+    for line in out.getvalue().splitlines():
+        if line.startswith("**"):
+            dataset = names[line.strip("*")]
+        elif line.startswith(("| as trained", "| finished")):
+            state, _models, *rest = cells(line)  # the page drops the count of models (28)
+            printed.append([dataset, state, *rest])
+    page = (ROOT / "docs/benchmarks.md").read_text()
+    documented = [cells(line) for line in page.splitlines()
+                  if re.match(r"\| (MNIST|Fashion-MNIST) \| (as trained|finished) \|", line)]
+    assert len(printed) == len(documented) == 4
+    assert sorted(printed) == sorted(documented)
