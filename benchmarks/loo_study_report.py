@@ -48,7 +48,7 @@ def section(rows, state):
         bad = _col(rows, f"loo_{m}_invalid_points{sfx}")
         cells.append(f"{int(np.nansum(bad > 0))} ({int(np.nansum(bad))})")
     cells += [f"{np.nanmedian(_col(rows, f'time_loo_{m}{sfx}')):.1f}" for m in METHODS]
-    return cells, [f"cavity / exact, n = {int(v)}" for v in sorted(set(n))]
+    return cells, [f"cavity / exact, n = {int(v):,}" for v in sorted(set(n))]
 
 
 def main(argv=None):
@@ -56,11 +56,11 @@ def main(argv=None):
     p.add_argument("--csv", default="docs/study/loo_study.csv")
     args = p.parse_args(argv)
     rows = read_csv(args.csv)
-    for ds in sorted({r["dataset"] for r in rows}):
+    for ds in sorted({r["dataset"] for r in rows}, key=lambda d: (d != "mnist", d)):
         group = [r for r in rows if r["dataset"] == ds]
         lines = [section(group, s) for s in ("as trained", "finished")]
         head = (["state", "models"] + [f"τ {m}" for m in METHODS] + ["τ(cavity, exact)"]
-                + lines[0][1] + ["|cavity − exact| / stderr (median)",
+                + lines[0][1] + ["\\|cavity − exact\\| / stderr (median)",
                                  "models with invalid points: cavity (points)", "kfac (points)"]
                 + [f"s {m}" for m in METHODS])
         print(f"\n**{ds}**\n")

@@ -225,6 +225,7 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
             if reset:
                 self.__dict__.pop("n_features_in_", None)
         elif pre is None:
+            sk.require_finite(X)
             with _naming("X"):
                 X = validate_data(self, X, reset=reset, dtype="numeric", allow_nd=True,
                                   ensure_all_finite=True)
@@ -460,6 +461,7 @@ class GapEstimator(MetaEstimatorMixin, BaseEstimator):
         X, _ = sk.split_dataset(X)
         if pre is None:
             if not sk.is_dict_like(X):
+                sk.require_finite(X)
                 X = validate_data(self, X, reset=False, dtype="numeric", allow_nd=True,
                                   ensure_all_finite=True)
             X = sk.check_X(X, sk.module_dtype(net), net.module_)
@@ -1102,7 +1104,8 @@ class ApproxLOO(GapEstimator):
         with a warning, only when that bound exceeds a tenth of it.
     n_points : int or None, default=None
         Points for 'cavity' (default ``softrank.memory.LOO_CAVITY_POINTS`` = 1000) and
-        'subsample' (default: all). A value above the curvature samples is clipped to them,
+        'subsample' (default: all); ignored by 'exact' and 'kfac', which measure every point.
+        A standard error needs at least two. A value above the curvature samples is clipped to them,
         so that one setting serves cross-validation folds of any size; 'cavity' keeping every
         curvature sample is the exact computation on them (``len(loo_indices_)`` tells how
         many were kept).

@@ -672,8 +672,8 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
         ``sampling_stderr``; for 'cavity' with
         ``n_points`` < n also ``rest_shrinkage`` (s, dimensionless, in (0, 1]),
         ``rest_shrinkage_stderr`` (its standard error over the points) and
-        ``rest_shrinkage_iterations`` (fixed-point iterations on a quarter of the points and
-        on all of them); for 'cavity' and 'subsample', where ``stderr`` is not None,
+        ``rest_shrinkage_iterations`` (a dict: the fixed-point iterations on a quarter of the
+        points, ``'quarter of the points'``, then on all of them, ``'all points'``); for 'cavity' and 'subsample', where ``stderr`` is not None,
         ``soft_rank_stderr`` and ``first_order_gap_stderr``: ``soft_rank`` and
         ``first_order_gap`` are means over the same sampled points, and these their standard
         errors.
@@ -795,6 +795,12 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
         else:  # the soft rank and the first-order term are means over the same points
             diagnostics.update(soft_rank_stderr=n * _mean_stderr(rank_terms.numpy()),
                                first_order_gap_stderr=_mean_stderr(first.numpy()))
+            if len(diffs) == 1:
+                warnings.warn(
+                    f"Approximate leave-one-out (method={method!r}): one point measured, so "
+                    "the estimate has no standard error (stderr is NaN) and rests on that "
+                    "point alone; measure at least two (n_points)", RuntimeWarning,
+                    stacklevel=2)
     else:
         train_loss, gap, stderr = float(own.mean()), float(loo.mean() - own.mean()), None
     bound = diagnostics.get("solver_error_bound", 0.0)

@@ -45,8 +45,8 @@ except ImportError as e:  # pragma: no cover
     raise ImportError("softrank's scikit-learn estimators need skorch: pip install skorch") from e
 
 __all__ = ["split_estimator", "is_fitted", "check_fitted", "net_kind", "output_transform",
-           "log_probabilities", "module_dtype", "check_X", "check_y", "num_samples",
-           "split_dataset", "is_dict_like",
+           "log_probabilities", "module_dtype", "check_X", "check_y", "require_finite",
+           "num_samples", "split_dataset", "is_dict_like",
            "check_labels_seen", "classes_of",
            "weight_decay_lam", "n_trained", "per_sample_loss", "mean_loss", "preserved_modes",
            "model_data", "NET_TYPES"]
@@ -199,9 +199,32 @@ def _takes_integers(module, X) -> bool:
     return True
 
 
+def require_finite(X, name: str = "X") -> None:
+    """Raise a ValueError naming the rows of ``X`` (an array-like of floating or complex
+    values; anything else passes) that hold NaN or infinite values."""
+    if torch.is_tensor(X):
+        X = X.detach().cpu().numpy()
+    try:
+        arr = np.asarray(X)
+    except Exception:  # ragged, sparse, ...: left to the checks that follow
+        return
+    if arr.dtype.kind not in "fc" or arr.ndim == 0 or not arr.size:
+        return
+    bad = ~np.isfinite(arr.reshape(len(arr), -1))
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad.any(1))
+    what = "NaN" if np.isnan(arr).any() else "infinite values"
+    raise ValueError(f"{name} contains {what} in {len(rows)} of {len(arr)} rows (first: row "
+                     f"{rows[0]}); the network is measured on every sample, so drop or impute "
+                     "those rows first (e.g. sklearn.impute.SimpleImputer in a Pipeline before "
+                     "the net)")
+
+
 def _check_array(X, name, target, ensure_2d=True):
     if torch.is_tensor(X):
         X = X.detach().cpu().numpy()
+    require_finite(X, name)
     try:
         X = check_array(X, dtype="numeric", allow_nd=True, ensure_all_finite=True,
                         input_name=name, ensure_2d=ensure_2d)

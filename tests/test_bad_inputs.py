@@ -133,8 +133,10 @@ def _with(value, at=(0, 0), dtype=np.float64):
 
 
 BAD_X = {
-    "NaN": (_with(np.nan), Y, "NaN"),
-    "inf": (_with(np.inf), Y, "infinity"),
+    "NaN": (_with(np.nan, at=(3, 1)), Y,
+            r"X contains NaN in 1 of 24 rows \(first: row 3\).*drop or impute"),
+    "inf": (_with(np.inf, at=(5, 0)), Y,
+            r"X contains infinite values in 1 of 24 rows \(first: row 5\)"),
     "overflows float32": (_with(1e39), Y, "overflow.*float32"),
     "empty": (X[:0], Y[:0], "0 sample"),
     "1-D": (X[:, 0], Y, r"\bX\b.*2D"),

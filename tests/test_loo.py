@@ -541,3 +541,17 @@ def test_sampled_soft_rank_and_first_order_term_have_calibrated_stderrs():
         assert 0.5 < np.sqrt(np.mean(z ** 2)) < 1.2
     every = approx_loo(md, lam, "cavity", n_points=md.n)  # nothing sampled
     assert every.stderr is None and "soft_rank_stderr" not in every.diagnostics
+
+
+@pytest.mark.parametrize("method", ["cavity", "subsample"])
+def test_one_sampled_point_warns_that_there_is_no_standard_error(method):
+    net, X, y = _small_mlp_data(6)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=16)
+    with pytest.warns(RuntimeWarning, match="one point measured, so the estimate has no "
+                                            "standard error"):
+        res = approx_loo(md, 0.1, method, n_points=1, random_state=0)
+    assert np.isnan(res.stderr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        two = approx_loo(md, 0.1, method, n_points=2, random_state=0)
+    assert two.stderr > 0
