@@ -267,7 +267,10 @@ def table_section(rows, taus) -> list[str]:
 
 def tau_section(rows, taus) -> list[str]:
     """Kendall τ of each measure against the observed gap of the finished models."""
-    lines = ["Kendall tau against the observed gap (training-set measures; +1 = same order):"]
+    lines = ["Columns: r, r_finished = ‖∇(mean loss + ½λ‖θ‖²)‖ / ‖λθ‖ as trained and after "
+             "finishing (0 at the minimum\nevery estimate assumes); rank/n = the soft rank of "
+             "the Fisher / n; losses and gaps in nats per sample.",
+             "Kendall tau against the observed gap (training-set measures; +1 = same order):"]
     lines += [f"  tau[{c}] = {taus[c]:+.4f}" for c, _, _ in MEASURES]
     lines.append("Finished nets fit their training labels almost exactly, so the gradients at the "
                  "labels vanish\n(α = Tr C/Tr F → 0) and the estimates built on them (softrank_gap, "
