@@ -37,10 +37,11 @@ method. Ways to get :math:`P_i` (``method``):
   measured points, a fixed point since the :math:`M_j` depend on s (the deterministic
   equivalent of Silverstein & Bai, 1995). Without it (s = 1) the gap was 0.32–1.13× the exact
   one on the same points on MNIST MLPs, far too small at small λ, where each point's cavity
-  depends on how little the other points' gradients explain its own; with it, 1.10–1.42×
-  with 10–30 % of the points kept (EKFAC's structure, a diagonal in the Kronecker eigenbasis,
-  is what remains; it grows as fewer points are kept: up to 2.5× with 8 % kept over the
-  study's MLPs at n = 1,200). The estimate is the mean over S, with a standard error over
+  depends on how little the other points' gradients explain its own; with it, 1.09–1.42×
+  with 10–33 % of the points kept and 1.22–1.37× with 3.3 % (EKFAC's structure, a diagonal in
+  the Kronecker eigenbasis, is what remains; it grows as fewer points are kept, then levels
+  off; gap against gap, up to 2.5× with 8 % kept over the study's MLPs at n = 1,200). The
+  estimate is the mean over S, with a standard error over
   points; memory is that of an m(K−1) kernel, flat in n. The standard error covers the
   sampling of points, not the approximation's bias (the benchmarks page has the tables);
 * ``'kfac'`` — :math:`P_i` from the Kronecker factors' eigenbases, one sample at a time, any n.
