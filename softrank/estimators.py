@@ -1106,8 +1106,8 @@ class ApproxLOO(GapEstimator):
     n_points : int or None, default=None
         Points for 'cavity' (default ``softrank.memory.LOO_CAVITY_POINTS`` = 1000) and
         'subsample' (default: all); ignored by 'exact' and 'kfac', which measure every point.
-        A standard error needs at least two. A value above the curvature samples is clipped to them,
-        so that one setting serves cross-validation folds of any size; 'cavity' keeping every
+        A standard error needs at least two. A value above the curvature samples is clipped to
+        them, so that one setting serves cross-validation folds of any size; 'cavity' keeping every
         curvature sample is the exact computation on them (``len(loo_indices_)`` tells how
         many were kept).
     memory_budget : int, str or None, default=None

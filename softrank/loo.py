@@ -674,10 +674,10 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
         ``n_points`` < n also ``rest_shrinkage`` (s, dimensionless, in (0, 1]),
         ``rest_shrinkage_stderr`` (its standard error over the points) and
         ``rest_shrinkage_iterations`` (a dict: the fixed-point iterations on a quarter of the
-        points, ``'quarter of the points'``, then on all of them, ``'all points'``); for 'cavity' and 'subsample', where ``stderr`` is not None,
-        ``soft_rank_stderr`` and ``first_order_gap_stderr``: ``soft_rank`` and
-        ``first_order_gap`` are means over the same sampled points, and these their standard
-        errors.
+        points, ``'quarter of the points'``, then on all of them, ``'all points'``); for
+        'cavity' and 'subsample', where ``stderr`` is not None, ``soft_rank_stderr`` and
+        ``first_order_gap_stderr``: ``soft_rank`` and ``first_order_gap`` are means over the
+        same sampled points, and these their standard errors.
 
     Warns
     -----

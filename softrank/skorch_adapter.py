@@ -210,6 +210,9 @@ def require_finite(X, name: str = "X") -> None:
         return
     if arr.dtype.kind not in "fc" or arr.ndim == 0 or not arr.size:
         return
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(arr.sum()):  # no NaN or inf (a large sum may overflow: checked below)
+            return
     bad = ~np.isfinite(arr.reshape(len(arr), -1))
     if not bad.any():
         return

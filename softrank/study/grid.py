@@ -114,8 +114,9 @@ class MeasureOptions:
     'kfac': all points). ``hessian``: Tr H and λ_max(H) on ``hessian_samples`` training points
     (dense when p ≤ ``dense_max_params``, else matrix-free: Hutch++ with 3·``hessian_probes``
     products, ``hessian_iterations`` Lanczos steps). ``loo_points``: the points 'cavity' keeps
-    exactly and 'subsample' measures (0: ApproxLOO's defaults, 1,000 and all). ``test_samples``: test points for α on test
-    data. ``ece_bins``: equal-width confidence bins of the expected calibration error.
+    exactly and 'subsample' measures (0: ApproxLOO's defaults, 1,000 and all).
+    ``test_samples``: test points for α on test data. ``ece_bins``: equal-width confidence
+    bins of the expected calibration error.
     """
 
     soft_rank: tuple[str, ...] = ("gram", "kfac", "ekfac", "diagonal")
