@@ -99,6 +99,9 @@ _SHRINK_WITHIN_STDERR = True
 #: 'subsample' reports its standard error while the conjugate-gradient error bound on the gap
 #: stays below this share of it (then the solver's error is negligible beside the sampling's)
 _SOLVER_SHARE = 0.1
+#: how every warning of :func:`approx_loo` begins (callers that record the diagnostics instead,
+#: such as the study, filter on it)
+WARNING_PREFIX = "Approximate leave-one-out"
 
 
 @dataclass(frozen=True)
@@ -432,7 +435,7 @@ def _rest_shrinkage(md, F, L, indices):
                 return s, M, z, y, se, it
             s, last = new, s
         warnings.warn(
-            f"Approximate leave-one-out (method='cavity'): the shrinkage of the other points' "
+            f"{WARNING_PREFIX} (method='cavity'): the shrinkage of the other points' "
             f"curvature did not settle in {_SHRINK_MAXITER} iterations (s = {last:.4g}, next "
             f"{s:.4g}); the estimate uses the last", RuntimeWarning, stacklevel=5)
         return last, M, z, y, se, _SHRINK_MAXITER
@@ -780,7 +783,7 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     diagnostics.update(max_point_leverage=float(leverage.max()), invalid_points=invalid)
     if invalid:
         warnings.warn(
-            f"Approximate leave-one-out (method={method!r}): for {invalid} of {len(leverage)} "
+            f"{WARNING_PREFIX} (method={method!r}): for {invalid} of {len(leverage)} "
             "points the approximate curvature does not dominate the point's own term (max "
             f"eigenvalue of A_i P_i = {float(leverage.max()):.3g} ≥ 1), so their leave-one-out "
             "step is invalid and the estimate is unreliable; use method='exact' or 'cavity'",
@@ -798,7 +801,7 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
                                first_order_gap_stderr=_mean_stderr(first.numpy()))
             if len(diffs) == 1:
                 warnings.warn(
-                    f"Approximate leave-one-out (method={method!r}): one point measured, so "
+                    f"{WARNING_PREFIX} (method={method!r}): one point measured, so "
                     "the estimate has no standard error (stderr is NaN) and rests on that "
                     "point alone; measure at least two (n_points)", RuntimeWarning,
                     stacklevel=2)
@@ -810,7 +813,7 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
         diagnostics["sampling_stderr"] = stderr
         stderr = float("nan")
         warnings.warn(
-            f"Approximate leave-one-out (method='subsample'): after "
+            f"{WARNING_PREFIX} (method='subsample'): after "
             f"{diagnostics['cg_iterations']} iterations of conjugate gradients (largest relative "
             f"residual {diagnostics['max_relative_residual']:.3g}, tol={tol:g}) the solver's "
             f"error in the gap may reach {bound:.3g} (first-order bound), more than "

@@ -178,13 +178,15 @@ _CAVITY_MEASURED = ("measured against the exact method: on MNIST MLPs finished t
                     "3.3 % kept; over 56 MNIST and Fashion-MNIST MLPs with 100 points kept (gap "
                     "against the exact gap, so with the points' sampling error too), 0.6-1.5x "
                     "with a third kept and 1.04-2.5x with 8 % kept")
+#: the smallest share of points kept (%) in those comparisons
+_CAVITY_FEWEST_KEPT = 3.3
 
 
 def _cavity_statement(m: int, n: int, s: float) -> str:
     kept = 100 * m / n
-    where = ("" if kept >= 3.3 else
+    where = ("" if kept >= _CAVITY_FEWEST_KEPT else
              f" Here only {kept:.2g} % are kept, fewer than in any comparison with the exact "
-             "method: expect the bias at least as large as with 3.3 % kept.")
+             f"method: expect the bias at least as large as with {_CAVITY_FEWEST_KEPT} % kept.")
     return (f"Approximate leave-one-out: {m} of {n} points ({kept:.2g} %) kept exactly, the "
             f"others through EKFAC shrunk by their leverage (s = {s:.3g}); {_CAVITY_MEASURED}."
             f"{where} The standard error covers only the sampling of points, not this bias. "

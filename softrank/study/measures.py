@@ -47,7 +47,7 @@ import torch
 
 from .. import measures as core
 from ..curvature import curvature
-from ..loo import approx_loo
+from ..loo import WARNING_PREFIX, approx_loo
 from ..model import ModelData
 from ..regularization import as_lam
 
@@ -205,8 +205,7 @@ def _loo(md: ModelData, lam: float, method: str, seed: int, points: int = 0
          ) -> dict[str, float]:
     n_points = min(points, md.n) if points and method in ("cavity", "subsample") else None
     with warnings.catch_warnings():  # the invalid points are recorded in the row instead
-        warnings.filterwarnings("ignore", message="Approximate leave-one-out",
-                                category=RuntimeWarning)
+        warnings.filterwarnings("ignore", message=WARNING_PREFIX, category=RuntimeWarning)
         res = approx_loo(md, lam, method, n_points=n_points, random_state=seed)
     out = {f"est_loo_{method}": res.gap,
            f"loo_{method}_invalid_points": res.diagnostics.get("invalid_points"),
