@@ -40,10 +40,17 @@ method. Ways to get :math:`P_i` (``method``):
   depends on how little the other points' gradients explain its own; with it, 1.09–1.42×
   with 10–33 % of the points kept and 1.22–1.37× with 3.3 % (EKFAC's structure, a diagonal in
   the Kronecker eigenbasis, is what remains; it grows as fewer points are kept, then levels
-  off; gap against gap, up to 2.5× with 8 % kept over the study's MLPs at n = 1,200). The
-  estimate is the mean over S, with a standard error over
-  points; memory is that of an m(K−1) kernel, flat in n. The standard error covers the
-  sampling of points, not the approximation's bias (the benchmarks page has the tables);
+  off; gap against gap, 0.98–1.75× with 8 % kept over the study's MLPs at n = 1,200).
+  The estimate is not the plain mean over S: every curvature sample j also gets the cavity
+  step with *all* the other points through the shrunk EKFAC,
+  :math:`J_j(s(n-1)\tilde F + n\Lambda)^{-1}J_j^\top` (one pass over the data, no kernel),
+  a control variate that follows the kept points' values closely, and the gap, the soft rank
+  and the first-order term are regression estimates on it (Cochran, 1977) with
+  heteroscedasticity-consistent standard errors (HC3; MacKinnon & White, 1985): the control
+  variate's mean over every point, corrected by how the kept points differ from it. Memory is
+  that of an m(K−1) kernel, flat in n. The standard error covers the sampling of points, not
+  the approximation's bias, which the control variate does not remove (the benchmarks page
+  has the tables);
 * ``'kfac'`` — :math:`P_i` from the Kronecker factors' eigenbases, one sample at a time, any n.
   Its failure mode: KFAC spreads each point's own curvature over the layer, so on wide or
   memorizing nets :math:`A_iP_i` reaches eigenvalues ≥ 1 for many points (invalid steps, counted
@@ -58,6 +65,9 @@ constant on each layer); ``'exact'`` and ``'subsample'`` use it exactly.
 
 References
 ----------
+Cochran, W. G. (1977). *Sampling Techniques*, 3rd ed., ch. 7. Wiley. — MacKinnon, J. G. &
+White, H. (1985). Some heteroskedasticity-consistent covariance matrix estimators with improved
+finite sample properties. *Journal of Econometrics* 29(3). —
 Opper, M. & Winther, O. (2000). Gaussian processes for classification: mean-field algorithms.
 *Neural Computation* 12(11). — Silverstein, J. W. & Bai, Z. D. (1995). On the empirical
 distribution of eigenvalues of a class of large dimensional random matrices. *Journal of
@@ -373,29 +383,32 @@ def _exact_blocks(md, L, fisher_space):
 
 def _cavity_blocks(md, L, indices, fisher_space, rest="ekfac"):
     r""":math:`\tilde P_i` (or :math:`B_i^\top\tilde P_iB_i`) of the ``'cavity'`` method for
-    i ∈ S = ``indices``, the weight c of each point's own term in :math:`\tilde H`, and
-    diagnostics. ``rest='ekfac'``: the points of S once, the other n − m through
-    :math:`s\,(n-m)\tilde F_{\mathrm{EKFAC}}` with the self-consistent shrinkage s of
-    :func:`_rest_shrinkage` (c = 1); ``rest='ekfac_mean'``: the same with s = 1 (the mean
-    curvature, unshrunk); ``rest='rescale'``: the points of S weighted
+    i ∈ S = ``indices``, the weight c of each point's own term in :math:`\tilde H`,
+    diagnostics, and the control variate of every curvature sample (:func:`_cavity_proxy`;
+    None where no point is outside S, or ``rest`` is not 'ekfac'). ``rest='ekfac'``: the
+    points of S once, the other n − m through :math:`s\,(n-m)\tilde F_{\mathrm{EKFAC}}`
+    with the self-consistent shrinkage s of :func:`_rest_shrinkage` (c = 1);
+    ``rest='ekfac_mean'``: the same with s = 1 (the mean curvature, unshrunk);
+    ``rest='rescale'``: the points of S weighted
     c = (n − 1)/(m − 1), so that the cavity :math:`c\sum_{j\in S, j\ne i}J_j^\top A_jJ_j +
     n\Lambda` is unbiased for the Hessian without point i."""
     n, m = md.n_train, len(indices)
     if m >= n:  # no other points: D = nΛ, exactly
         return (*_woodbury(md, _lam_weights(md.rules, L, n), indices, 1.0, fisher_space), 1.0,
-                {})
+                {}, None)
     if rest == "rescale":
         c = (n - 1) / (m - 1)
-        return (*_woodbury(md, _lam_weights(md.rules, L, n), indices, c, fisher_space), c, {})
+        return (*_woodbury(md, _lam_weights(md.rules, L, n), indices, c, fisher_space), c, {},
+                None)
     require_kfac_capable(md.rules, "approximate leave-one-out (method='cavity')")
     F = KroneckerCurvature(md, "fisher", "fisher", ekfac=True)
     if rest == "ekfac_mean":  # no shrinkage (s = 1): the alternative it was chosen against
         return (*_woodbury(md, _eigenbasis_weights(F, L, n - m, n), indices, 1.0, fisher_space),
-                1.0, {})
+                1.0, {}, None)
     s, M, z, y, diag = _rest_shrinkage(md, F, L, indices)
     if not fisher_space:  # the full K×K blocks at the solved s
         M, z, y = _woodbury_blocks(md, _eigenbasis_weights(F, L, (n - m) * s, n), indices)
-    return M, z, y, 1.0, diag
+    return M, z, y, 1.0, diag, _cavity_proxy(md, F, L, s, fisher_space)
 
 
 def _rest_shrinkage(md, F, L, indices):
@@ -580,6 +593,93 @@ def _newton_shift(P, A, r, own_weight: float = 1.0):
     return (P @ torch.linalg.solve(eye - own_weight * A @ P, r.unsqueeze(2))).squeeze(2)
 
 
+def _steps(fam, P, z, y, fisher_space: bool, own_weight: float = 1.0):
+    r"""The leave-one-out steps of points with blocks P: (z_loo, loo losses, own losses,
+    first-order terms, M). ``fisher_space``: P holds :math:`M_i = B_i^\top P_iB_i` (m, K', K')
+    and each :math:`r_i = B_is_i` lies in the range of :math:`B_i`; else P holds the (m, K, K)
+    blocks :math:`P_i`. c = ``own_weight`` multiplies each point's own term (see
+    :func:`_newton_shift`)."""
+    Bf = fam.factor(z, y)  # (m, K, K')
+    r = fam.residual(z, y)
+    if fisher_space:
+        M = P
+        BtB = Bf.transpose(1, 2) @ Bf
+        s = torch.linalg.solve(BtB, (Bf.transpose(1, 2) @ r.unsqueeze(2)))
+        t = torch.linalg.solve(torch.eye(M.shape[1], dtype=torch.float64) - own_weight * M, s)
+        shift = (Bf @ torch.linalg.solve(BtB, M @ t)).squeeze(2)  # the step in range(B_i)
+        first = (s.transpose(1, 2) @ M @ s).reshape(-1)
+    else:
+        M = Bf.transpose(1, 2) @ P @ Bf
+        shift = _newton_shift(P, Bf @ Bf.transpose(1, 2), r, own_weight)
+        first = torch.einsum("ik,ikl,il->i", r, P, r)
+    z_loo = z + shift
+    return z_loo, fam.loss(z_loo, y).numpy(), fam.loss(z, y).numpy(), first, M
+
+
+def _cavity_proxy(md, F, L, s: float, fisher_space: bool):
+    r"""The control variate of ``'cavity'``: per curvature sample, its (gap term, soft-rank
+    term, first-order term) with *every* other point through the shrunk EKFAC,
+    :math:`Q_j = J_j(s(n-1)\tilde F + n\Lambda)^{-1}J_j^\top` — the method with no point kept
+    exactly, at the s solved on the kept ones. Cheap (no kernel: one pass over the curvature
+    samples, as EKFAC's second pass) and, like the method, valid by construction
+    (:math:`Q_j \succeq 0`, so :math:`A_jP_j` has eigenvalues in [0, 1)). Each is a shape
+    (md.n,) float64 array."""
+    n = md.n_train
+    w = _eigenbasis_weights(F, L, (n - 1) * s, n)
+    fam = md.family
+    parts = []
+    for b in md.batches("fisher" if fisher_space else "jacobian"):
+        Q = _own_blocks(md.rules, b.layers, w).cpu()  # the cavity blocks themselves
+        z, y = b.z.cpu(), b.y.cpu()
+        eye = torch.eye(Q.shape[1], dtype=torch.float64)
+        if fisher_space:  # Q is the cavity in the Fisher rows' coordinates (A = I there)
+            P = Q @ torch.linalg.inv(eye + Q)
+        else:  # the P whose cavity P(I − AP)⁻¹ is Q: P = Q(I + AQ)⁻¹
+            B = fam.factor(z, y)
+            P = Q @ torch.linalg.inv(eye + B @ B.transpose(1, 2) @ Q)
+        _, loo, own, first, M = _steps(fam, P, z, y, fisher_space)
+        parts.append((loo - own, M.diagonal(dim1=1, dim2=2).sum(1).numpy(), first.numpy()))
+    return tuple(np.concatenate(c) for c in zip(*parts))
+
+
+def _regression_estimate(values, proxy_sampled, proxy_all, population: int | None = None):
+    r"""The regression estimator of a population mean from a simple random sample
+    (Cochran, 1977, *Sampling Techniques*, section 7.1): :math:`\bar y_S + b(\bar x - \bar x_S)`
+    with b the least-squares slope of ``values`` (y) on the control variate ``proxy_sampled``
+    (x, its values on the same points) and :math:`\bar x` the mean of ``proxy_all``, its
+    values on every point. Returns (estimate, standard error, b, correlation of y and x).
+
+    The estimate is linear in y, :math:`\sum_iw_iy_i` with
+    :math:`w_i = 1/m + (\bar x - \bar x_S)(x_i - \bar x_S)/S_{xx}`; its standard error is the
+    heteroscedasticity-consistent one, :math:`\sqrt{\sum_iw_i^2e_i^2/(1-h_i)^2}` with
+    residuals :math:`e_i` and leverages :math:`h_i = 1/m + (x_i - \bar x_S)^2/S_{xx}` (HC3 of
+    MacKinnon & White, 1985: per-point leave-one-out terms are heavy-tailed and their scatter
+    grows with x, where the textbook formula that assumes a common residual variance is too
+    small), like :func:`_mean_stderr` without the finite-population factor. When
+    ``proxy_all`` is itself a random sample of a larger ``population`` (curvature samples
+    drawn from the training set), :math:`\bar x` has its own sampling error, and
+    :math:`b^2\,\mathrm{var}(x)/N'` is added to the variance (N' = ``len(proxy_all)``;
+    double sampling, Cochran 1977, section 12.6). The estimator's bias is O(1/m). Falls back to the
+    sample mean (b = 0) for fewer than three points or a constant x."""
+    proxy_all = np.asarray(proxy_all, np.float64)
+    proxy_mean = float(proxy_all.mean())
+    y, x = np.asarray(values, np.float64), np.asarray(proxy_sampled, np.float64)
+    m = len(y)
+    dx, dy = x - x.mean(), y - y.mean()
+    sxx, syy = float(dx @ dx), float(dy @ dy)
+    if m < 3 or not sxx > 0:
+        return float(y.mean()), _mean_stderr(y), 0.0, float("nan")
+    b = float(dx @ dy) / sxx
+    e = dy - b * dx
+    w = 1.0 / m + (proxy_mean - x.mean()) * dx / sxx
+    corr = float(dx @ dy) / float(np.sqrt(sxx * syy)) if syy > 0 else 1.0  # y constant
+    u = w * e / np.maximum(1.0 - (1.0 / m + dx ** 2 / sxx), 1.0 / m)  # h_i = 1: one x apart
+    var = float(u @ u)
+    if population is not None and population > len(proxy_all) > 1:
+        var += b * b * float(proxy_all.var(ddof=1)) / len(proxy_all)
+    return float(w @ y), float(np.sqrt(var)), b, corr
+
+
 def _solver_gap_bound(fam, z, y, P, P_bound) -> float:
     """First-order bound on the gap's change when each entry of the blocks P (m, K, K) moves
     by at most ``P_bound`` (same shape): mean over points of Σ |∂ loss_i/∂P_i| · bound."""
@@ -679,8 +779,14 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
         ``rest_shrinkage_iterations`` (a dict: the fixed-point iterations on a quarter of the
         points, ``'quarter of the points'``, then on all of them, ``'all points'``); for
         'cavity' and 'subsample', where ``stderr`` is not None, ``soft_rank_stderr`` and
-        ``first_order_gap_stderr``: ``soft_rank`` and ``first_order_gap`` are means over the
-        same sampled points, and these their standard errors.
+        ``first_order_gap_stderr``: ``soft_rank`` and ``first_order_gap`` are estimated from
+        the same sampled points, and these are their standard errors. For 'cavity' with
+        points outside the kept ones, ``gap``, ``soft_rank`` and ``first_order_gap`` are
+        regression estimates on the control variate (module docstring), and the diagnostics
+        hold ``control_variate`` (a dict: ``'gap'``, its mean over every curvature sample in
+        loss units; ``'slope'`` and ``'correlation'`` of the kept points' gap terms on it),
+        ``sample_mean_gap`` and ``sample_mean_stderr`` (the plain mean over the kept points
+        and its standard error, for comparison).
 
     Warns
     -----
@@ -738,7 +844,7 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     n = md.n_train
     diagnostics: dict = {"method": method}
     fam = md.family
-    fisher_space, own_weight = False, 1.0
+    fisher_space, own_weight, proxy = False, 1.0, None
     if method == "subsample":
         kfac = preconditioner == "kfac" and all(r.kfac_capable for r in md.rules)
         prec = _EigenbasisPreconditioner(md, L) if kfac else None  # no KFAC for the layers: plain CG
@@ -757,24 +863,10 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
         if method == "exact":
             P, z, y = _exact_blocks(md, L, fisher_space)
         else:
-            P, z, y, own_weight, cav = _cavity_blocks(md, L, indices, fisher_space, _CAVITY_REST)
+            P, z, y, own_weight, cav, proxy = _cavity_blocks(md, L, indices, fisher_space,
+                                                             _CAVITY_REST)
             diagnostics.update(cav)
-    Bf = fam.factor(z, y)  # (m, K, K')
-    r = fam.residual(z, y)
-    if fisher_space:  # P holds M_i = B_iᵀP_iB_i; r_i = B_i s_i
-        M = P
-        BtB = Bf.transpose(1, 2) @ Bf
-        s = torch.linalg.solve(BtB, (Bf.transpose(1, 2) @ r.unsqueeze(2)))
-        t = torch.linalg.solve(torch.eye(M.shape[1], dtype=torch.float64) - own_weight * M, s)
-        shift = (Bf @ torch.linalg.solve(BtB, M @ t)).squeeze(2)  # the step in range(B_i)
-        first = (s.transpose(1, 2) @ M @ s).reshape(-1)
-    else:
-        M = Bf.transpose(1, 2) @ P @ Bf
-        shift = _newton_shift(P, Bf @ Bf.transpose(1, 2), r, own_weight)
-        first = torch.einsum("ik,ikl,il->i", r, P, r)
-    z_loo = z + shift
-    loo = fam.loss(z_loo, y).numpy()
-    own = fam.loss(z, y).numpy()
+    z_loo, loo, own, first, M = _steps(fam, P, z, y, fisher_space, own_weight)
     # spectrum of A_i P_i (= that of B_iᵀ P_i B_i): in [0, 1) for the exact P_i and by
     # construction for 'cavity'; a value ≥ 1 means the approximate curvature does not dominate
     # the point's own term, and the leave-one-out Newton step for that point is meaningless
@@ -788,17 +880,25 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
             f"eigenvalue of A_i P_i = {float(leverage.max()):.3g} ≥ 1), so their leave-one-out "
             "step is invalid and the estimate is unreliable; use method='exact' or 'cavity'",
             RuntimeWarning, stacklevel=2)
-    rank_terms = M.diagonal(dim1=1, dim2=2).sum(1)
+    rank_terms, first = M.diagonal(dim1=1, dim2=2).sum(1).numpy(), first.numpy()
+    soft_rank, first_order = float(rank_terms.mean()) * n, float(first.mean())
     if method in ("subsample", "cavity"):
         diffs = loo - own
         train_loss = float(torch.cat([fam.loss(b.z, b.y) for b in md.batches(None)]).mean())
-        gap = float(diffs.mean())
-        stderr = _mean_stderr(diffs)
+        gap, stderr = float(diffs.mean()), _mean_stderr(diffs)
+        rank_se, first_se = n * _mean_stderr(rank_terms), _mean_stderr(first)
+        if proxy is not None:  # the regression estimator on the control variate
+            diagnostics.update(sample_mean_gap=gap, sample_mean_stderr=stderr)
+            (gap, stderr, slope, corr), (rank_mean, rank_se, *_), (first_order, first_se, *_) = (
+                _regression_estimate(v, x[indices], x, n)
+                for v, x in zip((diffs, rank_terms, first), proxy))
+            soft_rank, rank_se = n * rank_mean, n * rank_se
+            diagnostics["control_variate"] = {"gap": float(proxy[0].mean()), "slope": slope,
+                                              "correlation": corr}
         if method == "cavity" and len(indices) == md.n == n:
             stderr = None  # every training point: nothing sampled
-        else:  # the soft rank and the first-order term are means over the same points
-            diagnostics.update(soft_rank_stderr=n * _mean_stderr(rank_terms.numpy()),
-                               first_order_gap_stderr=_mean_stderr(first.numpy()))
+        else:  # the soft rank and the first-order term come from the same points
+            diagnostics.update(soft_rank_stderr=rank_se, first_order_gap_stderr=first_se)
             if len(diffs) == 1:
                 warnings.warn(
                     f"{WARNING_PREFIX} (method={method!r}): one point measured, so "
@@ -824,5 +924,5 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     return LOOResult(
         estimated_test_loss=train_loss + gap, train_loss=train_loss, gap=gap, stderr=stderr,
         loo_losses=loo, point_losses=own, loo_outputs=z_loo.numpy(), indices=indices,
-        soft_rank=float(rank_terms.mean()) * n, first_order_gap=float(first.mean()),
-        method=method, n=n, lam=L.describe(), diagnostics=diagnostics)
+        soft_rank=soft_rank, first_order_gap=first_order, method=method, n=n,
+        lam=L.describe(), diagnostics=diagnostics)

@@ -555,3 +555,94 @@ def test_one_sampled_point_warns_that_there_is_no_standard_error(method):
         warnings.simplefilter("error", RuntimeWarning)
         two = approx_loo(md, 0.1, method, n_points=2, random_state=0)
     assert two.stderr > 0
+
+
+def test_cavity_control_variate_matches_its_dense_definition():
+    r"""'cavity' with points outside S: its control variate is, for every point j, the cavity
+    step with all the other points through s (n − 1) F_EKFAC + nΛ (dense float64 reference,
+    the Fisher-row and the Jacobian-row paths alike), and the reported gap, soft rank and
+    first-order term are the regression estimates on it: ȳ_S + b (x̄ − x̄_S)."""
+    net, X, y = _small_mlp_data(9, n=30)
+    lams, names, sizes = _lam_cases(net)
+    lam = lams["layer_uniform"]
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
+    res = approx_loo(md, lam, "cavity", n_points=9, random_state=1)
+    s, n = res.diagnostics["rest_shrinkage"], md.n
+    L = as_lam(lam, names, sizes)
+    F = KroneckerCurvature(md, "fisher", "fisher", ekfac=True)
+    gaps, ranks, firsts = loo_module._cavity_proxy(md, F, L, s, True)
+    again = loo_module._cavity_proxy(md, F, L, s, False)  # from the K×K blocks
+    for a, b in zip((gaps, ranks, firsts), again):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-14)
+    F_dense = F.to_dense()
+    own = nn.functional.cross_entropy(net(X).double(), y, reduction="none").detach().numpy()
+    for j in range(n):
+        ref = _dense_reference(net, X, y, L.vector, n, extra=s * (n - 1) * F_dense, subset=[j])
+        assert gaps[j] == pytest.approx(ref[0] - own[j], rel=1e-8, abs=1e-13)
+    y_s, x_s = res.loo_losses - res.point_losses, gaps[res.indices]
+    b = np.cov(y_s, x_s)[0, 1] / np.var(x_s, ddof=1)
+    assert res.gap == pytest.approx(y_s.mean() + b * (gaps.mean() - x_s.mean()), rel=1e-10)
+    assert res.diagnostics["sample_mean_gap"] == pytest.approx(y_s.mean(), rel=1e-12)
+    cv = res.diagnostics["control_variate"]
+    assert cv["gap"] == pytest.approx(gaps.mean()) and cv["slope"] == pytest.approx(b)
+    assert cv["correlation"] == pytest.approx(np.corrcoef(y_s, x_s)[0, 1])
+    # the soft rank's and the first-order term's per-point values on S, from the dense reference
+    _, J, A, P = _dense_reference(net, X, y, L.vector, n, extra=s * (n - len(res.indices))
+                                  * F_dense, subset=res.indices, parts=True)
+    z = net(X[res.indices]).double().detach()
+    r = torch.softmax(z, 1) - nn.functional.one_hot(y[res.indices], 3).double()
+    rank_s = torch.einsum("ikl,ilk->i", A, P).numpy()
+    first_s = torch.einsum("ik,ikl,il->i", r, P, r).numpy()
+    for got, vals, x in ((res.soft_rank / n, rank_s, ranks), (res.first_order_gap, first_s,
+                                                                firsts)):
+        xs = x[res.indices]
+        b = np.cov(vals, xs)[0, 1] / np.var(xs, ddof=1)
+        assert got == pytest.approx(vals.mean() + b * (x.mean() - xs.mean()), rel=1e-7)
+    assert res.estimated_test_loss == pytest.approx(res.train_loss + res.gap)
+
+
+def test_regression_estimator_is_unbiased_with_a_calibrated_stderr():
+    """Cochran's regression estimator on a heavy-tailed population: over repeated samples its
+    mean is the population mean, its standard error has RMS z near √(1 − m/N) (the
+    finite-population factor it leaves out), and it is far below the sample mean's when the
+    control variate explains most of the variance."""
+    rng = np.random.default_rng(0)
+    N, m = 3000, 60
+    x = rng.lognormal(0.0, 1.0, N)
+    y = 0.2 + 0.8 * x + 0.1 * rng.standard_normal(N) * (1 + x)
+    errs, zs, ratio = [], [], []
+    for _ in range(400):
+        idx = rng.choice(N, m, replace=False)
+        est, se, b, corr = loo_module._regression_estimate(y[idx], x[idx], x)
+        errs.append(est - y.mean())
+        zs.append((est - y.mean()) / se)
+        ratio.append(se / loo_module._mean_stderr(y[idx]))
+    errs, zs = np.array(errs), np.array(zs)
+    assert abs(errs.mean()) < 3 * errs.std() / np.sqrt(len(errs))
+    assert 0.8 < np.sqrt(np.mean(zs ** 2)) < 1.2
+    assert np.median(ratio) < 0.5
+    # double sampling: x known on a random 600 of the 3,000, y on 60 of those; against the
+    # mean of all 3,000 the first phase's error counts too (without its term: RMS z ≈ 1.7)
+    zs = []
+    for _ in range(400):
+        first = rng.choice(N, 600, replace=False)
+        idx = first[rng.choice(600, m, replace=False)]
+        est, se, *_ = loo_module._regression_estimate(y[idx], x[idx], x[first], N)
+        zs.append((est - y.mean()) / se)
+    assert 0.8 < np.sqrt(np.mean(np.square(zs))) < 1.2
+    # fewer than three points, or a constant control variate: the sample mean
+    assert loo_module._regression_estimate(y[:2], x[:2], x)[:3] == (
+        y[:2].mean(), loo_module._mean_stderr(y[:2]), 0.0)
+    assert loo_module._regression_estimate(y[:9], np.ones(9), x)[0] == y[:9].mean()
+
+
+def test_cavity_control_variate_cuts_the_standard_error():
+    """On a small MLP the control variate's correlation with the kept points' values is high and
+    the reported standard error is well below the sample mean's, for every draw of points."""
+    net, X, y = _small_mlp_data(21, n=60)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=16)
+    for seed in range(5):
+        res = approx_loo(md, 0.05, "cavity", n_points=15, random_state=seed)
+        d = res.diagnostics
+        assert d["control_variate"]["correlation"] > 0.9, seed
+        assert res.stderr < 0.5 * d["sample_mean_stderr"], seed

@@ -65,6 +65,8 @@ def test_cavity_and_auto(fitted):
     text = s.statements[s.regimes.index("approximate_loo")]
     shrink = est.result_.diagnostics["rest_shrinkage"]
     assert f"25 of {len(X)} points" in text and f"s = {shrink:.3g}" in text
+    corr = est.result_.diagnostics["control_variate"]["correlation"]
+    assert f"(correlation {corr:.3f})" in text and "not this bias, which is the larger" in text
     assert "Here only" not in text  # 42 % kept: inside the measured range
     few = ApproxLOO(net, method="cavity", n_points=2, random_state=0).fit(X, y).summary()
     assert "Here only" not in few.statements[few.regimes.index("approximate_loo")]  # 3.3 %
