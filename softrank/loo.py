@@ -622,8 +622,8 @@ def _cavity_proxy(md, F, L, s: float, fisher_space: bool):
     :math:`Q_j = J_j(s(n-1)\tilde F + n\Lambda)^{-1}J_j^\top` — the method with no point kept
     exactly, at the s solved on the kept ones. Cheap (no kernel: one pass over the curvature
     samples, as EKFAC's second pass) and, like the method, valid by construction
-    (:math:`Q_j \succeq 0`, so :math:`A_jP_j` has eigenvalues in [0, 1)). Each is a shape
-    (md.n,) float64 array."""
+    (:math:`Q_j \succeq 0`, so :math:`A_jP_j` has eigenvalues in [0, 1)). Also each sample's
+    own loss (the same pass gives the training loss). Each is a shape (md.n,) float64 array."""
     n = md.n_train
     w = _eigenbasis_weights(F, L, (n - 1) * s, n)
     fam = md.family
@@ -638,7 +638,8 @@ def _cavity_proxy(md, F, L, s: float, fisher_space: bool):
             B = fam.factor(z, y)
             P = Q @ torch.linalg.inv(eye + B @ B.transpose(1, 2) @ Q)
         _, loo, own, first, M = _steps(fam, P, z, y, fisher_space)
-        parts.append((loo - own, M.diagonal(dim1=1, dim2=2).sum(1).numpy(), first.numpy()))
+        parts.append((loo - own, M.diagonal(dim1=1, dim2=2).sum(1).numpy(), first.numpy(),
+                      own))
     return tuple(np.concatenate(c) for c in zip(*parts))
 
 
@@ -884,7 +885,8 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     soft_rank, first_order = float(rank_terms.mean()) * n, float(first.mean())
     if method in ("subsample", "cavity"):
         diffs = loo - own
-        train_loss = float(torch.cat([fam.loss(b.z, b.y) for b in md.batches(None)]).mean())
+        train_loss = float(proxy[3].mean() if proxy is not None else  # its pass saw every point
+                           torch.cat([fam.loss(b.z, b.y) for b in md.batches(None)]).mean())
         gap, stderr = float(diffs.mean()), _mean_stderr(diffs)
         rank_se, first_se = n * _mean_stderr(rank_terms), _mean_stderr(first)
         if proxy is not None:  # the regression estimator on the control variate

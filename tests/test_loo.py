@@ -570,7 +570,7 @@ def test_cavity_control_variate_matches_its_dense_definition():
     s, n = res.diagnostics["rest_shrinkage"], md.n
     L = as_lam(lam, names, sizes)
     F = KroneckerCurvature(md, "fisher", "fisher", ekfac=True)
-    gaps, ranks, firsts = loo_module._cavity_proxy(md, F, L, s, True)
+    gaps, ranks, firsts, _ = loo_module._cavity_proxy(md, F, L, s, True)
     again = loo_module._cavity_proxy(md, F, L, s, False)  # from the K×K blocks
     for a, b in zip((gaps, ranks, firsts), again):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-14)
