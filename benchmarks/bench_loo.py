@@ -4,12 +4,14 @@ Part ``accuracy`` (``--sizes``, default 1,000 and 3,000 MNIST training images): 
 ``--nets`` (``WIDTH:LAMBDA``, MLP 784-WIDTH-10), train with Adam (weight decay = λ) and FINISH it
 to the regularized minimum with full-batch L-BFGS (strong Wolfe) on mean loss + ½λ‖θ‖², print
 its relative stationarity r = ‖∇(objective)‖/‖λθ‖, then compare with ``method='exact'``:
-``'cavity'`` with each of ``--cavity-points`` points and ``'kfac'``: relative error of the gap
+``'cavity'`` with each of ``--cavity-points`` points, ``'nystrom'`` with each of
+``--nystrom-points`` and ``'kfac'``: relative error of the gap
 estimate, Spearman correlation of the per-point leave-one-out losses (on the points the method
 measured), invalid points (max eig A_iP_i ≥ 1), time.
 
 Part ``scale``: n = 60,000 (``--n-large``), an MLP 784-512-10 and a small CNN, one epoch of
-Adam each, then ``'cavity'`` in each configuration of ``--configs`` (``POINTS:CURVATURE``:
+Adam each, then ``--scale-method`` (default ``'cavity'``) in each configuration of
+``--configs`` (``POINTS:CURVATURE``:
 the points it keeps and the samples its EKFAC is estimated from, ``all`` or a number, what
 ``ApproxLOO(n_points=, n_curvature_samples=)`` set; the first is the default): time relative
 to one training epoch (same images, batch size 256), peak resident memory while it runs
@@ -66,6 +68,8 @@ def parse_args(argv=None):
                    help="WIDTH:LAMBDA of the MLPs 784-WIDTH-10 of the accuracy part")
     p.add_argument("--cavity-points", default="100,300,1000",
                    help="points of method='cavity' (those below n are run)")
+    p.add_argument("--nystrom-points", default="",
+                   help="points of method='nystrom' (those below n are run; none by default)")
     p.add_argument("--rest", default="ekfac,ekfac_mean,rescale",
                    help="how 'cavity' treats the points outside its subset (compared)")
     p.add_argument("--lbfgs-iters", type=int, default=300)
@@ -74,6 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--configs", default="1000:all,500:all,500:20000,300:all,300:10000",
                    help="scale part: POINTS:CURVATURE configurations of 'cavity' (CURVATURE: "
                         "'all' or the samples its EKFAC is estimated from)")
+    p.add_argument("--scale-method", choices=("cavity", "nystrom"), default="cavity",
+                   help="scale part: the method timed")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="scale part: print where approx_loo's time goes (cProfile, cumulative)")
@@ -144,7 +150,8 @@ def accuracy_part(args):
                             ex.diagnostics["invalid_points"], f"{w:.1f}", f"{c:.1f}"])
         print(C.table(rows[-1:], header).splitlines()[-1], flush=True)
         runs = [(f"cavity/{rest}", int(m)) for m in args.cavity_points.split(",")
-                if int(m) < n for rest in args.rest.split(",")]
+                if int(m) < n for rest in args.rest.split(",") if rest]
+        runs += [("nystrom", int(m)) for m in args.nystrom_points.split(",") if m and int(m) < n]
         for method, m in runs + [("kfac", n)]:
             kw = {"n_points": m, "random_state": args.seed} if method != "kfac" else {}
             loo_module._CAVITY_REST = method.partition("/")[2] or "ekfac"
@@ -239,7 +246,7 @@ def scale_part(args):
             md, idx = scale_data(model, X, y, n, m, nc, points, others)
             base_rss = C.rss_bytes()
             C.reset_peak_rss()
-            call = lambda: approx_loo(md, lam, "cavity", indices=idx)  # noqa: E731
+            call = lambda: approx_loo(md, lam, args.scale_method, indices=idx)  # noqa: E731
             if args.profile:
                 prof = cProfile.Profile()
                 call = (lambda f: lambda: prof.runcall(f))(call)
@@ -254,10 +261,11 @@ def scale_part(args):
                 full_gap[m] = res.gap
             same = (f"{(res.gap - full_gap[m]) / full_gap[m]:+.1%}"
                     if nc < n and m in full_gap else "")
-            its = res.diagnostics["rest_shrinkage_iterations"]
+            its = res.diagnostics.get("rest_shrinkage_iterations")
             rows.append([name, f"{C.n_params(model):,}", n, m, "all" if nc >= n else nc,
                          f"{res.diagnostics['rest_shrinkage']:.3f} "
-                         f"({its['quarter of the points']} + {its['all points']})",
+                         f"({its['quarter of the points']} + {its['all points']})" if its else
+                         "—",
                          f"{res.gap:.4f} ± {res.stderr:.2g}", same,
                          res.diagnostics["invalid_points"],
                          f"{w:.0f} s / {ep_w:.1f} s = {w / ep_w:.1f}",
@@ -266,7 +274,8 @@ def scale_part(args):
             print(rows[-1], flush=True)
     return C.table(rows, ["net", "p", "n", "points", "EKFAC from", "s (iterations: m/4 + m)",
                           "gap ± stderr", "vs EKFAC from all, same points", "invalid",
-                          "wall: cavity / epoch", "CPU: cavity / epoch",
+                          f"wall: {args.scale_method} / epoch",
+                          f"CPU: {args.scale_method} / epoch",
                           "peak RSS (process)", "peak − RSS before"])
 
 

@@ -1071,10 +1071,25 @@ class ApproxLOO(GapEstimator):
 
     Parameters
     ----------
-    method : {'auto', 'exact', 'cavity', 'kfac', 'subsample'}, default='auto'
+    method : {'auto', 'exact', 'nystrom', 'cavity', 'kfac', 'subsample'}, default='auto'
         'auto' (default): 'exact' while its memory (a Cholesky of size n(K−1)) stays below
-        ``softrank.memory.LOO_AUTO_EXACT_BYTES`` (2 GiB), 'cavity' above.
+        ``softrank.memory.LOO_AUTO_EXACT_BYTES`` (2 GiB); above it 'nystrom' while its 300
+        default points are at least 10 % of the training set
+        (``softrank.memory.LOO_AUTO_NYSTROM_SHARE``, the smallest share at which it was
+        compared with 'exact'), 'cavity' beyond.
         'exact': Woodbury on the empirical NTK, one Cholesky of size n(K−1) (moderate n·K).
+        'nystrom': ``n_points`` random points (default 300) kept exactly and the other
+        points through a Nyström approximation on them with each one's own term exact
+        (FITC [3]_): every entry of the kernel :math:`JD^{-1}J^\top` that involves a kept
+        point is exact, so no EKFAC and no shrinkage enter its blocks; valid by construction,
+        with the control variate and ``stderr_`` of 'cavity' (below). Its bias is downward
+        and shrinks as more points are kept: on finished MNIST MLPs at n = 1,000 and 3,000,
+        λ from 1e-4 to 1e-1, the gap was 4.2 % below to 5.3 % above the exact one with 300
+        points kept, 5–12 % below with 100, 15–67 % below with 30 (where 'cavity' erred
+        upward on the same points: the two bracketed the exact gap on every net measured).
+        Its time grows as n·``n_points``² (at n = 60,000 on an MLP 784-512-10, CPU, 100
+        points: 45.5 training epochs; with ``n_curvature_samples=10000``, 7.5), its memory as
+        ``n_points``², flat in n.
         'cavity': ``n_points`` random points kept exactly, the other points through EKFAC
         shrunk by their own leverage (a self-consistent scalar s in
         ``result_.diagnostics['rest_shrinkage']``, with ``'rest_shrinkage_stderr'`` and
@@ -1110,8 +1125,9 @@ class ApproxLOO(GapEstimator):
         (``result_.diagnostics['solver_error_bound']``, loss units), and ``stderr_`` is NaN,
         with a warning, only when that bound exceeds a tenth of it.
     n_points : int or None, default=None
-        Points for 'cavity' (default ``softrank.memory.LOO_CAVITY_POINTS`` = 1000) and
-        'subsample' (default: all); ignored by 'exact' and 'kfac', which measure every point.
+        Points for 'nystrom' (default ``softrank.memory.LOO_NYSTROM_POINTS`` = 300),
+        'cavity' (default ``softrank.memory.LOO_CAVITY_POINTS`` = 1000) and 'subsample'
+        (default: all); ignored by 'exact' and 'kfac', which measure every point.
         A standard error needs at least two. A value above the curvature samples is clipped to
         them, so that one setting serves cross-validation folds of any size; 'cavity' keeping every
         curvature sample is the exact computation on them (``len(loo_indices_)`` tells how
@@ -1119,10 +1135,10 @@ class ApproxLOO(GapEstimator):
     memory_budget : int, str or None, default=None
         As for the other estimators, checked against
         :func:`softrank.memory.estimate_loo_memory` of ``method`` ('exact': a Cholesky of size
-        n(K−1), quadratic in n; 'cavity': the same on its points plus the EKFAC factors, flat
-        in n; 'kfac': the Kronecker factors and at most ``softrank.memory.KFAC_CACHE_BYTES`` of
-        cached layer records; 'subsample': the Jacobians of the ``n_points`` points and the CG
-        vectors).
+        n(K−1), quadratic in n; 'nystrom' and 'cavity': the same on their points plus the
+        EKFAC factors, flat in n; 'kfac': the Kronecker factors and at most
+        ``softrank.memory.KFAC_CACHE_BYTES`` of cached layer records; 'subsample': the
+        Jacobians of the ``n_points`` points and the CG vectors).
 
     Attributes
     ----------
@@ -1151,6 +1167,8 @@ class ApproxLOO(GapEstimator):
     .. [1] Rad & Maleki (2020). "A scalable estimate of the out-of-sample prediction error via
        approximate leave-one-out cross-validation." JRSS B 82(4).
     .. [2] Shoham, Mor-Yosef & Avron (2025). "Flatness After All?"
+    .. [3] Snelson & Ghahramani (2006). "Sparse Gaussian processes using pseudo-inputs."
+       NeurIPS.
 
     Examples
     --------

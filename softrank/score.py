@@ -84,11 +84,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                    help="tic: M = F or H")
     p.add_argument("--ord", choices=("trace", "spectral", "max_eigenvalue", "frobenius"),
                    default="trace", help="hessian_norm: which norm (or the largest eigenvalue)")
-    p.add_argument("--method", choices=("auto", "exact", "cavity", "kfac", "subsample"),
+    p.add_argument("--method", choices=("auto", "exact", "nystrom", "cavity", "kfac",
+                                        "subsample"),
                    default="auto", help="approx_loo: how P_i is computed (default auto: exact "
-                   "while it fits in 2 GiB, else cavity)")
+                   "while it fits in 2 GiB, else nystrom up to n = 3,000, else cavity)")
     p.add_argument("--n-points", type=int,
-                   help="approx_loo --method cavity or subsample: points")
+                   help="approx_loo --method nystrom, cavity or subsample: points")
     p.add_argument("--finish", action="store_true",
                    help="measure the net finished to the minimizer of mean loss + ½θᵀΛθ "
                    "(full-batch L-BFGS), as every estimate assumes")

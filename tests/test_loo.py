@@ -9,6 +9,7 @@ from torch import nn
 from softrank import loo as loo_module
 from softrank import memory
 from softrank.curvature import KroneckerCurvature, curvature
+from softrank.families import Categorical
 from softrank.loo import approx_loo
 from softrank.measures import tic
 from softrank.model import ModelData
@@ -398,14 +399,23 @@ def test_fisher_rows_path_equals_the_full_blocks():
                                atol=1e-13)
 
 
-def test_auto_picks_exact_then_cavity(monkeypatch):
+def test_auto_picks_exact_then_nystrom_then_cavity(monkeypatch):
     net, X, y = _small_mlp_data(12, n=30)
     md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
     assert approx_loo(md, 0.05).method == "exact"
     monkeypatch.setattr(memory, "LOO_AUTO_EXACT_BYTES", 0)
+    monkeypatch.setattr(memory, "LOO_NYSTROM_POINTS", 10)  # a third of the points
     monkeypatch.setattr(memory, "LOO_CAVITY_POINTS", 10)
     res = approx_loo(md, 0.05, random_state=0)
+    assert res.method == "nystrom" and len(res.indices) == 10 and res.stderr > 0
+    monkeypatch.setattr(memory, "LOO_AUTO_NYSTROM_SHARE", 0.5)  # 10 of 30: below the share
+    res = approx_loo(md, 0.05, random_state=0)
     assert res.method == "cavity" and len(res.indices) == 10 and res.stderr > 0
+    # the share is of the training set, not of a curvature subsample of it
+    sub = ModelData(net, nn.CrossEntropyLoss(), X[:20], y[:20], batch_size=8, n_train=60)
+    assert memory.resolve_loo_method(sub, "auto") == "cavity"
+    monkeypatch.setattr(memory, "LOO_AUTO_NYSTROM_SHARE", 1 / 6)
+    assert memory.resolve_loo_method(sub, "auto") == "nystrom"
 
 
 def test_subsample_not_converged_warns_and_has_no_stderr():
@@ -452,7 +462,7 @@ def test_subsample_solver_error_bounds_hold():
     assert seen == {True, False}  # both cases met along the way
 
 
-@pytest.mark.parametrize("method", ["cavity", "subsample"])
+@pytest.mark.parametrize("method", ["nystrom", "cavity", "subsample"])
 def test_given_indices_measure_those_points(method):
     net, X, y = _small_mlp_data(13, n=36)
     md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
@@ -543,7 +553,7 @@ def test_sampled_soft_rank_and_first_order_term_have_calibrated_stderrs():
     assert every.stderr is None and "soft_rank_stderr" not in every.diagnostics
 
 
-@pytest.mark.parametrize("method", ["cavity", "subsample"])
+@pytest.mark.parametrize("method", ["nystrom", "cavity", "subsample"])
 def test_one_sampled_point_warns_that_there_is_no_standard_error(method):
     net, X, y = _small_mlp_data(6)
     md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=16)
@@ -646,3 +656,70 @@ def test_cavity_control_variate_cuts_the_standard_error():
         d = res.diagnostics
         assert d["control_variate"]["correlation"] > 0.9, seed
         assert res.stderr < 0.5 * d["sample_mean_stderr"], seed
+
+
+def _nystrom_reference(net, X, y, lam_vec, n_train, S):
+    r"""Dense float64 'nystrom' blocks P_i (K×K, i ∈ S) from their definition, without the
+    streamed Woodbury: with U_j = J_jᵀB_j (B_jB_jᵀ = A_j), D = n Λ and G = UᵀD⁻¹U over every
+    sample, V = L_S⁻¹G_{S·} (G_SS = L_SL_Sᵀ); G̃ = VᵀV + blockdiag(Δ), Δ_j = G_jj − V_jᵀV_j
+    (0 on S); each other sample weighted c = (n − m)/(N − m) as Ê_j = (I + Δ_j)/c; then
+    P_i = J_iD⁻¹J_iᵀ − X_i(Ê + VᵀV)⁻¹X_iᵀ, X_i = J_iD⁻¹U."""
+    _, J, A, _ = _dense_reference(net, X, y, lam_vec, n_train, parts=True)
+    N, K, _ = J.shape
+    evals, evecs = torch.linalg.eigh(A)
+    B = evecs * evals.clamp_min(0).sqrt().unsqueeze(1)  # (N, K, K): BBᵀ = A
+    Dinv = 1.0 / (n_train * lam_vec)
+    U = torch.einsum("ikp,ikc->pic", J, B).reshape(-1, N * K)  # (p, N·K), sample-major
+    G = U.T @ (Dinv[:, None] * U)
+    rows = np.concatenate([np.arange(i * K, (i + 1) * K) for i in S])
+    GSS = G[np.ix_(rows, rows)] + 1e-10 * G[rows, rows].mean() * torch.eye(len(rows))
+    V = torch.linalg.solve_triangular(torch.linalg.cholesky(GSS), G[rows], upper=False)
+    Q = V.T @ V
+    c = (n_train - len(S)) / (N - len(S))
+    E = torch.zeros(N * K, N * K)
+    for j in range(N):
+        b = slice(j * K, (j + 1) * K)
+        E[b, b] = torch.eye(K) if j in set(S) else (torch.eye(K) + G[b, b] - Q[b, b]) / c
+    Xi = torch.einsum("ikp,pq->ikq", J[S], Dinv[:, None] * U)  # (m, K, N·K)
+    theta = torch.einsum("ikp,ilp->ikl", J[S] * Dinv, J[S])
+    return theta - Xi @ torch.linalg.solve(E + Q, Xi.transpose(1, 2)), B[S]
+
+
+@pytest.mark.parametrize("n_train", [None, 75])  # every training point, or a curvature subsample
+def test_nystrom_matches_its_dense_definition(n_train):
+    """'nystrom': the kept points' blocks from the dense data-space definition (Nyström on the
+    kept points plus each other sample's exact own term), by the Jacobian-row and the
+    Fisher-row paths; with S every sample it is 'exact'; every step valid; the control variate
+    is the EKFAC one at the fixed point of its own shrinkage."""
+    net, X, y = _small_mlp_data(9, n=30)
+    lams, names, sizes = _lam_cases(net)
+    lam = lams["per_element"]
+    L = as_lam(lam, names, sizes)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8, n_train=n_train)
+    S = np.array([1, 4, 5, 11, 17, 20, 26, 29])
+    ref, B = _nystrom_reference(net, X, y, L.vector, md.n_train, S)
+    P, *_ = loo_module._nystrom_blocks(md, L, S, False)
+    np.testing.assert_allclose(P, ref, rtol=1e-7, atol=1e-10 * float(ref.abs().max()))
+    M, *_ = loo_module._nystrom_blocks(md, L, S, True)
+    Bf = Categorical().factor(net(X[S]).detach().double())  # (m, K, K − 1)
+    np.testing.assert_allclose(M, Bf.transpose(1, 2) @ ref @ Bf, rtol=1e-7, atol=1e-8)
+    res = approx_loo(md, lam, "nystrom", indices=S)
+    assert res.diagnostics["invalid_points"] == 0 and res.diagnostics["max_point_leverage"] < 1
+    assert res.stderr > 0 and "control_variate" in res.diagnostics
+    s = res.diagnostics["proxy_shrinkage"]
+    F = KroneckerCurvature(md, "fisher", "fisher", ekfac=True)
+    fis, _, _ = loo_module._fisher_records(md, S)
+    K = loo_module._euclidean_fisher_blocks(md, fis)
+    Qs = torch.cat([loo_module._own_blocks(md.rules, f, loo_module._eigenbasis_weights(
+        F, L, (md.n_train - 1) * s, md.n_train)) for f in fis])
+    f_s, _ = loo_module._shrinkage_ratio(Qs @ torch.linalg.inv(torch.eye(2) + Qs), K)
+    assert abs(f_s - s) <= loo_module._SHRINK_RTOL * s
+    if n_train is None:
+        everything = np.arange(md.n)
+        P_all, *_ = loo_module._nystrom_blocks(md, L, everything, False)
+        P_exact, *_ = loo_module._exact_blocks(md, L, False)
+        np.testing.assert_allclose(P_all, P_exact, rtol=1e-6, atol=1e-9)
+        full = approx_loo(md, lam, "nystrom", n_points=md.n)
+        assert full.stderr is None
+        np.testing.assert_allclose(full.loo_losses, approx_loo(md, lam, "exact").loo_losses,
+                                   rtol=1e-9)

@@ -85,6 +85,27 @@ def test_cavity_and_auto(fitted):
     assert "α = —" not in str(s)
 
 
+def test_nystrom_estimator_and_its_summary(fitted):
+    net, X, y = fitted
+    est = ApproxLOO(net, method="nystrom", n_points=20, random_state=0).fit(X, y)
+    assert est.stderr_ > 0 and len(est.loo_indices_) == 20
+    md = ModelData(net.module_, net.criterion_, X, y, output_transform=output_transform(net))
+    ref = approx_loo(md, 1e-2, "nystrom", n_points=20, random_state=0)
+    assert est.gap_ == pytest.approx(ref.gap, rel=1e-10)
+    assert est.result_.diagnostics["invalid_points"] == 0
+    s = est.summary()
+    assert "approximate_loo" in s.regimes and not s.trustworthy
+    text = s.statements[s.regimes.index("approximate_loo")]
+    assert f"20 of {len(X)} points" in text and "Nyström" in text and "{" not in text
+    assert "Here 20 points are kept" in text and "fewer than in any comparison" in text
+    from softrank.summary import _nystrom_statement
+    assert "Here" not in _nystrom_statement(300, 3000)
+    # every point kept: the exact computation, nothing sampled, no caveat
+    full = ApproxLOO(net, method="nystrom", n_points=10 ** 6).fit(X, y)
+    assert full.stderr_ is None and "approximate_loo" not in full.summary().regimes
+    assert full.gap_ == pytest.approx(approx_loo(md, 1e-2, "exact").gap, rel=1e-8)
+
+
 def test_clone_pickle_and_grid_search(fitted):
     X, y = teacher_data()
     est = ApproxLOO(classifier(max_epochs=15), random_state=0)

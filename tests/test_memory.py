@@ -272,6 +272,20 @@ def test_loo_subsample_scales_with_the_points():
                                                             ).breakdown
 
 
+def test_loo_nystrom_is_flat_in_n_and_quadratic_in_the_points():
+    small, large = mlp_data(600), mlp_data(6400)
+    key = "the kept points' Gram's Cholesky, C, its Cholesky, Y, Z (five (mK')²)"
+    a = estimate_loo_memory(small, "nystrom", n_points=50)
+    assert a.breakdown[key] == 5 * 8 * (50 * 5) ** 2
+    assert estimate_loo_memory(large, "nystrom", n_points=50).total == a.total
+    b = estimate_loo_memory(small, "nystrom", n_points=200)
+    assert b.breakdown[key] == 16 * a.breakdown[key]
+    # the default: LOO_NYSTROM_POINTS, at most n
+    default = estimate_loo_memory(large, "nystrom").breakdown[key]
+    from softrank.memory import LOO_NYSTROM_POINTS
+    assert default == 5 * 8 * (LOO_NYSTROM_POINTS * 5) ** 2
+
+
 def test_approx_loo_guard_names_the_methods_that_fit(batch_counter):
     md = mlp_data(400, hidden=8)
     kfac = estimate_loo_memory(md, "kfac").total
