@@ -1131,7 +1131,8 @@ class ApproxLOO(GapEstimator):
         A standard error needs at least two. A value above the curvature samples is clipped to
         them, so that one setting serves cross-validation folds of any size; 'cavity' keeping every
         curvature sample is the exact computation on them (``len(loo_indices_)`` tells how
-        many were kept).
+        many were kept); 'nystrom' refuses that when the curvature samples are a subsample
+        (``n_curvature_samples``): no sample would be left to stand for the other points.
     memory_budget : int, str or None, default=None
         As for the other estimators, checked against
         :func:`softrank.memory.estimate_loo_memory` of ``method`` ('exact': a Cholesky of size

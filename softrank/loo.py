@@ -432,6 +432,12 @@ def _cavity_blocks(md, L, indices, fisher_space, rest="ekfac"):
                          f"{'nystrom' if rest == 'nystrom' else 'cavity'!r}: EKFAC)")
     F = KroneckerCurvature(md, "fisher", "fisher", ekfac=True)
     if rest == "nystrom":
+        if m >= md.n:
+            raise ValueError(
+                f"method='nystrom' keeps all {md.n} curvature samples, so the other {n - m} "
+                f"of the {n} training points have no sample left to stand for them; keep "
+                "fewer points (n_points below the curvature samples) or use method='cavity', "
+                "whose EKFAC stands for them")
         M, z, y = _nystrom_blocks(md, L, indices, fisher_space)
         s = _proxy_shrinkage(md, F, L, indices)
         return M, z, y, 1.0, {"proxy_shrinkage": s}, _cavity_proxy(md, F, L, s, fisher_space)
@@ -485,7 +491,7 @@ def _nystrom_blocks(md, L, indices, fisher_space):
     # Y = XE⁻¹Vᵀ; for the Fisher rows X = L_S V, so Y = L_S(C − I), formed after the pass
     Y = None if fisher_space else torch.zeros(m * KR, m * Kp, dtype=torch.float64, device=dev)
     diag = torch.zeros(m, KR, KR, dtype=torch.float64, device=dev)
-    c = (n - m) / (md.n - m) if md.n > m else 1.0
+    c = (n - m) / (md.n - m) if md.n > m else 1.0  # m = N: no other sample (then n = N)
     start = 0
     for b in md.batches("fisher"):
         N = len(b.z)
@@ -934,7 +940,9 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     ValueError
         For an unknown method, ``n_points`` outside 1..n (the curvature samples), or
         ``indices`` that are not distinct positions in 0..n−1, that disagree with
-        ``n_points``, or that are given to a method measuring every point ('exact', 'kfac').
+        ``n_points``, or that are given to a method measuring every point ('exact', 'kfac');
+        for 'nystrom' keeping every curvature sample when they are fewer than ``md.n_train``
+        (no sample left to stand for the other training points).
     MemoryError
         When ``memory_budget`` is exceeded.
 

@@ -528,6 +528,10 @@ def test_cavity_on_every_curvature_sample_of_a_larger_set_has_a_stderr():
     assert res.stderr is not None and res.stderr > 0
     full = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
     assert approx_loo(full, 0.1, "cavity", n_points=24).stderr is None
+    # 'nystrom' needs a sample outside its points to stand for the unsampled training points
+    with pytest.raises(ValueError, match="other 36 of the 60 training points have no sample"):
+        approx_loo(md, 0.1, "nystrom", n_points=24)
+    assert approx_loo(md, 0.1, "nystrom", n_points=20, random_state=0).stderr > 0
 
 
 def test_sampled_soft_rank_and_first_order_term_have_calibrated_stderrs():
