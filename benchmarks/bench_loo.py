@@ -80,6 +80,7 @@ def parse_args(argv=None):
                         "'all' or the samples its EKFAC is estimated from)")
     p.add_argument("--scale-method", choices=("cavity", "nystrom"), default="cavity",
                    help="scale part: the method timed")
+    p.add_argument("--scale-nets", default="mlp,cnn", help="scale part: mlp, cnn or both")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--profile", action="store_true",
                    help="scale part: print where approx_loo's time goes (cProfile, cumulative)")
@@ -235,8 +236,10 @@ def scale_part(args):
     points = rng.permutation(n)[:max(m for m, _ in configs)]  # nested: the first m of them
     others = rng.permutation(np.setdiff1d(np.arange(n), points))
     rows = []
-    for name, model in (("MLP 784-512-10", C.mlp((784, 512, 10), seed=args.seed)),
-                        ("CNN c8-c16-fc", small_cnn(args.seed))):
+    nets = {"mlp": ("MLP 784-512-10", lambda: C.mlp((784, 512, 10), seed=args.seed)),
+            "cnn": ("CNN c8-c16-fc", lambda: small_cnn(args.seed))}
+    for name, make in (nets[k] for k in args.scale_nets.split(",")):
+        model = make()
         opt = C.make_optimizer(model, lam)
         gen = torch.Generator().manual_seed(args.seed)
         ep_w, ep_c, _ = C.timed_cpu(lambda: C.train_epoch(model, opt, X, y, 256, gen))

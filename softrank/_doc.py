@@ -121,7 +121,8 @@ train_loss_ : float
     "stderr_": """\
 stderr_ : float or None
     Standard error of ``measure_`` where it is estimated stochastically ('matrix_free'
-    approximations; ApproxLOO's 'cavity' and 'subsample' methods, over the sampled points),
+    approximations; ApproxLOO's 'nystrom', 'cavity' and 'subsample' methods, over the sampled
+    points),
     else None.""",
     "lam_": """\
 lam_ : float, dict, torch.Tensor or None

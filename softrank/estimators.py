@@ -1086,7 +1086,8 @@ class ApproxLOO(GapEstimator):
         and shrinks as more points are kept: on finished MNIST MLPs at n = 1,000 and 3,000,
         λ from 1e-4 to 1e-1, the gap was 4.2 % below to 5.3 % above the exact one with 300
         points kept, 5–12 % below with 100, 15–67 % below with 30 (where 'cavity' erred
-        upward on the same points: the two bracketed the exact gap on every net measured).
+        upward: on the same points the two bracketed the exact value on every net measured,
+        a measured property, not a bound).
         Its time grows as n·``n_points``² (at n = 60,000 on an MLP 784-512-10, CPU, 100
         points: 45.5 training epochs; with ``n_curvature_samples=10000``, 7.5), its memory as
         ``n_points``², flat in n.

@@ -66,9 +66,9 @@ method. Ways to get :math:`P_i` (``method``):
   as more points are kept: on finished MNIST MLPs (n = 1,000 and 3,000, λ from 1e-4 to 1e-1)
   the gap was 4.2 % below to 5.3 % above the exact one with 300 kept, 5–12 % below with 100
   and 15–67 % below with 30, where ``'cavity'`` on the same points was 10–142 % above — the
-  two bracketed the exact gap on every net measured (a measured property, not a bound). Time
-  ∝ n·m² (the kernel of S against every sample, and per batch a product of size m(K−1)),
-  memory that of an m(K−1) square, flat in n;
+  two bracketed the exact value on those points on every net measured (a measured property,
+  not a bound). Time ∝ n·m² (the kernel of S against every sample, and per batch a product
+  of size m(K−1)), memory that of an m(K−1) square, flat in n;
 * ``'kfac'`` — :math:`P_i` from the Kronecker factors' eigenbases, one sample at a time, any n.
   Its failure mode: KFAC spreads each point's own curvature over the layer, so on wide or
   memorizing nets :math:`A_iP_i` reaches eigenvalues ≥ 1 for many points (invalid steps, counted

@@ -187,8 +187,8 @@ def _cavity_statement(m: int, n: int, s: float, correlation: float | None = None
              f" Here only {kept:.2g} % are kept, fewer than in any comparison with the exact "
              f"method: expect the bias at least as large as with {_CAVITY_FEWEST_KEPT} % kept.")
     cv = ("," if correlation is None or correlation != correlation else
-          " — small, since a control variate computed for every point follows the kept points' "
-          f"values (correlation {correlation:.3f}) —")
+          " — reduced by a control variate computed for every point, which follows the kept "
+          f"points' values (correlation {correlation:.3f}) —")
     return (f"Approximate leave-one-out: {m} of {n} points ({kept:.2g} %) kept exactly, the "
             f"others through EKFAC shrunk by their leverage (s = {s:.3g}); {_CAVITY_MEASURED}."
             f"{where} The standard error covers only the sampling of points{cv} not this "
@@ -208,12 +208,12 @@ def _nystrom_statement(m: int, n: int, correlation: float | None = None) -> str:
     rows = ", ".join(f"{v} with {k}" for k, v in _NYSTROM_MEASURED.items())
     fewest = min(_NYSTROM_MEASURED)
     where = ("" if m >= max(_NYSTROM_MEASURED) else
-             f" Here {m} points are kept, fewer than {max(_NYSTROM_MEASURED)}, and the measured "
-             "bias grew as fewer were kept" + (f"; fewer than in any comparison ({fewest})"
+             f" Here {m} point{'s are' if m != 1 else ' is'} kept, fewer than "
+             f"{max(_NYSTROM_MEASURED)}, and the measured bias grew as fewer were kept" + (f"; fewer than in any comparison ({fewest})"
                                                if m < fewest else "") + ".")
     cv = ("," if correlation is None or correlation != correlation else
-          " — small, since a control variate computed for every point follows the kept points' "
-          f"values (correlation {correlation:.3f}) —")
+          " — reduced by a control variate computed for every point, which follows the kept "
+          f"points' values (correlation {correlation:.3f}) —")
     return (f"Approximate leave-one-out: {m} of {n} points ({100 * m / n:.2g} %) kept exactly, "
             "the others through a Nyström approximation on them with their own terms exact; "
             "measured against the exact method on MNIST MLPs finished to the regularized "
@@ -221,8 +221,7 @@ def _nystrom_statement(m: int, n: int, correlation: float | None = None) -> str:
             f"{rows} points kept: biased low, less as more points are kept, while "
             f"method='cavity' erred upward on the same points.{where} The standard error "
             f"covers only the sampling of points{cv} not this bias. Action: use method='exact' "
-            "where its memory allows, else more n_points (time grows as n·n_points²); "
-            "method='cavity' gave an estimate from above on those nets.")
+            "where its memory allows, else more n_points (time grows as n·n_points²).")
 
 
 def _effective_statement(lam) -> str:
