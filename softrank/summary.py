@@ -202,15 +202,24 @@ def _cavity_statement(m: int, n: int, s: float, correlation: float | None = None
 #: regularized minimum, gap against the exact gap), by points kept
 _NYSTROM_MEASURED = {300: "4.2 % below to 5.3 % above the exact gap", 100: "5–12 % below",
                       30: "15–67 % below"}
+#: the smallest share of the points kept (%) in those comparisons with the most points (300 of
+#: 3,000)
+_NYSTROM_FEWEST_SHARE = 10
 
 
 def _nystrom_statement(m: int, n: int, correlation: float | None = None) -> str:
     rows = ", ".join(f"{v} with {k}" for k, v in _NYSTROM_MEASURED.items())
-    fewest = min(_NYSTROM_MEASURED)
-    where = ("" if m >= max(_NYSTROM_MEASURED) else
-             f" Here {m} point{'s are' if m != 1 else ' is'} kept, fewer than "
-             f"{max(_NYSTROM_MEASURED)}, and the measured bias grew as fewer were kept" + (f"; fewer than in any comparison ({fewest})"
-                                               if m < fewest else "") + ".")
+    most, fewest, share = max(_NYSTROM_MEASURED), min(_NYSTROM_MEASURED), 100 * m / n
+    notes = []
+    if m < most:
+        notes.append(f"{m} point{'s are' if m != 1 else ' is'} kept, fewer than {most}, and the "
+                     "measured bias grew as fewer were kept"
+                     + (f" (fewer than in any comparison, {fewest})" if m < fewest else ""))
+    if share < _NYSTROM_FEWEST_SHARE:
+        notes.append(f"only {share:.2g} % of the points are kept, less than the "
+                     f"{_NYSTROM_FEWEST_SHARE:g} % of the comparisons with {most} points, and the "
+                     "bias also grew as the share kept fell")
+    where = f" Here {'; '.join(notes)}." if notes else ""
     cv = ("," if correlation is None or correlation != correlation else
           " — reduced by a control variate computed for every point, which follows the kept "
           f"points' values (correlation {correlation:.3f}) —")

@@ -98,8 +98,11 @@ def test_nystrom_estimator_and_its_summary(fitted):
     text = s.statements[s.regimes.index("approximate_loo")]
     assert f"20 of {len(X)} points" in text and "Nyström" in text and "{" not in text
     assert "Here 20 points are kept" in text and "fewer than in any comparison" in text
+    assert "of the points are kept" not in text  # a third: above the measured shares
     from softrank.summary import _nystrom_statement
     assert "Here" not in _nystrom_statement(300, 3000)
+    far = _nystrom_statement(300, 60000)  # 0.5 %: below every share it was compared at
+    assert "Here only 0.5 % of the points are kept, less than the 10 %" in far
     # every point kept: the exact computation, nothing sampled, no caveat
     full = ApproxLOO(net, method="nystrom", n_points=10 ** 6).fit(X, y)
     assert full.stderr_ is None and "approximate_loo" not in full.summary().regimes
