@@ -438,8 +438,9 @@ def _cavity_blocks(md, L, indices, fisher_space, rest="ekfac"):
                 f"of the {n} training points have no sample left to stand for them; keep "
                 "fewer points (n_points below the curvature samples) or use method='cavity', "
                 "whose EKFAC stands for them")
-        M, z, y = _nystrom_blocks(md, L, indices, fisher_space)
-        s = _proxy_shrinkage(md, F, L, indices)
+        records = _fisher_records(md, indices)  # one pass over S, for both
+        M, z, y = _nystrom_blocks(md, L, indices, fisher_space, records)
+        s = _proxy_shrinkage(md, F, L, records[0])
         return M, z, y, 1.0, {"proxy_shrinkage": s}, _cavity_proxy(md, F, L, s, fisher_space)
     if rest == "ekfac_mean":  # no shrinkage (s = 1): the alternative it was chosen against
         return (*_woodbury(md, _eigenbasis_weights(F, L, n - m, n), indices, 1.0, fisher_space),
@@ -450,7 +451,7 @@ def _cavity_blocks(md, L, indices, fisher_space, rest="ekfac"):
     return M, z, y, 1.0, diag, _cavity_proxy(md, F, L, s, fisher_space)
 
 
-def _nystrom_blocks(md, L, indices, fisher_space):
+def _nystrom_blocks(md, L, indices, fisher_space, records=None):
     r"""The ``'nystrom'`` blocks: the other points through a Nyström approximation on the
     kept points S plus each other point's exact own term (FITC: Snelson & Ghahramani, 2006;
     Quiñonero-Candela & Rasmussen, 2005), in data space. With :math:`G = U^\top D^{-1}U` the
@@ -470,11 +471,12 @@ def _nystrom_blocks(md, L, indices, fisher_space):
     themselves; with S every sample it is the exact method. When the curvature samples are a
     subsample of the training set, each other sample stands for c = (n − m)/(N − m) training
     points: c copies of its projection on S's rows, each with a residual of its own
-    (:math:`E_j^{-1}` weighted by c). Returns (blocks, z, y)."""
+    (:math:`E_j^{-1}` weighted by c). ``records``: those of :func:`_fisher_records` on S, if
+    already made. Returns (blocks, z, y)."""
     rules, n = md.rules, md.n_train
     w = _lam_weights(rules, L, n)
     idx = torch.as_tensor(indices)
-    fis_S, z, y = _fisher_records(md, idx)
+    fis_S, z, y = _fisher_records(md, idx) if records is None else records
     rows_S = fis_S if fisher_space else [b.layers for b in md.batches("jacobian", indices=idx)]
     m, Kp = len(z), fis_S[0][0].g.shape[0]
     dev = fis_S[0][0].g.device
@@ -525,14 +527,14 @@ def _nystrom_blocks(md, L, indices, fisher_space):
     return blocks.cpu(), z, y
 
 
-def _proxy_shrinkage(md, F, L, indices):
+def _proxy_shrinkage(md, F, L, fis):
     r"""The shrinkage s of the control variate (:func:`_cavity_proxy`) when the kept points do
     not solve it (rest 'nystrom'): the fixed point of :func:`_shrinkage_ratio` with each kept
     point's leverage that of the control variate itself (every other point through
     :math:`s(n-1)\tilde F`; no kernel, one own block per kept point per iteration). Any s
-    gives a valid control variate; this one makes it follow the points best."""
+    gives a valid control variate; this one makes it follow the points best. ``fis``: the kept
+    points' Fisher-row records (:func:`_fisher_records`)."""
     n, rules = md.n_train, md.rules
-    fis, _, _ = _fisher_records(md, indices)
     K = _euclidean_fisher_blocks(md, fis)
     s = 1.0
     for _ in range(_SHRINK_MAXITER):
