@@ -17,7 +17,9 @@ the points it keeps and the samples its EKFAC is estimated from, ``all`` or a nu
 to one training epoch (same images, batch size 256), peak resident memory while it runs
 (reset after training), its standard error. Configurations with the same number of points
 measure the same points (a random subset of n, nested across sizes), so the gap of an EKFAC
-from a subsample is compared on the same points with the one from all n.
+from a subsample is compared on the same points with the one from all n. ``'nystrom'`` uses at
+most ``softrank.memory.LOO_NYSTROM_SAMPLES_PER_POINT`` curvature samples per point of those
+(column "samples used"; ``--nystrom-samples-per-point all``: every one, no jackknife).
 
 Part ``shrinkage``: the leverage shrinkage s that ``'cavity'`` solves for on its points, against
 the same ratio computed from the exact leverages of all n points (``--sizes``, ``--nets``,
@@ -50,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 from softrank import loo as loo_module  # noqa: E402
+from softrank import memory as loo_memory  # noqa: E402
 from softrank.loo import approx_loo  # noqa: E402
 from softrank.model import ModelData  # noqa: E402
 from softrank.regularization import as_lam  # noqa: E402
@@ -78,6 +81,10 @@ def parse_args(argv=None):
     p.add_argument("--configs", default="1000:all,500:all,500:20000,300:all,300:10000",
                    help="scale part: POINTS:CURVATURE configurations of 'cavity' (CURVATURE: "
                         "'all' or the samples its EKFAC is estimated from)")
+    p.add_argument("--nystrom-samples-per-point", default=None,
+                   help="softrank.memory.LOO_NYSTROM_SAMPLES_PER_POINT for this run: a number, "
+                        "or 'all' (every curvature sample, no jackknife); default: the "
+                        "library's")
     p.add_argument("--scale-method", choices=("cavity", "nystrom"), default="cavity",
                    help="scale part: the method timed")
     p.add_argument("--scale-nets", default="mlp,cnn", help="scale part: mlp, cnn or both")
@@ -249,7 +256,8 @@ def scale_part(args):
             md, idx = scale_data(model, X, y, n, m, nc, points, others)
             base_rss = C.rss_bytes()
             C.reset_peak_rss()
-            call = lambda: approx_loo(md, lam, args.scale_method, indices=idx)  # noqa: E731
+            call = lambda: approx_loo(md, lam, args.scale_method, indices=idx,  # noqa: E731
+                                      random_state=args.seed)
             if args.profile:
                 prof = cProfile.Profile()
                 call = (lambda f: lambda: prof.runcall(f))(call)
@@ -265,18 +273,25 @@ def scale_part(args):
             same = (f"{(res.gap - full_gap[m]) / full_gap[m]:+.1%}"
                     if nc < n and m in full_gap else "")
             its = res.diagnostics.get("rest_shrinkage_iterations")
+            jk = res.diagnostics.get("jackknife")  # 'nystrom' on a curvature subsample
+            used = res.diagnostics.get("curvature_samples", md.n)  # 'nystrom': at most 10·m
             rows.append([name, f"{C.n_params(model):,}", n, m, "all" if nc >= n else nc,
+                         "all" if used >= n else used,
                          f"{res.diagnostics['rest_shrinkage']:.3f} "
                          f"({its['quarter of the points']} + {its['all points']})" if its else
                          "—",
-                         f"{res.gap:.4f} ± {res.stderr:.2g}", same,
+                         f"{res.gap:.4f} ± {res.stderr:.2g}",
+                         f"{jk['uncorrected_gap']:.4f} (± {jk['stderr']:.2g})" if jk else "—",
+                         same,
                          res.diagnostics["invalid_points"],
                          f"{w:.0f} s / {ep_w:.1f} s = {w / ep_w:.1f}",
                          f"{c:.0f} s / {ep_c:.1f} s = {c / ep_c:.1f}",
                          C.gib(peak), C.gib(peak - base_rss)])
             print(rows[-1], flush=True)
-    return C.table(rows, ["net", "p", "n", "points", "EKFAC from", "s (iterations: m/4 + m)",
-                          "gap ± stderr", "vs EKFAC from all, same points", "invalid",
+    return C.table(rows, ["net", "p", "n", "points", "EKFAC from", "samples used",
+                          "s (iterations: m/4 + m)",
+                          "gap ± stderr", "before the jackknife (its stderr)",
+                          "vs EKFAC from all, same points", "invalid",
                           f"wall: {args.scale_method} / epoch",
                           f"CPU: {args.scale_method} / epoch",
                           "peak RSS (process)", "peak − RSS before"])
@@ -285,6 +300,9 @@ def scale_part(args):
 def main(argv=None):
     args = parse_args(argv)
     C.setup_torch(args.threads, args.seed)
+    if args.nystrom_samples_per_point is not None:
+        per = args.nystrom_samples_per_point
+        loo_memory.LOO_NYSTROM_SAMPLES_PER_POINT = None if per == "all" else float(per)
     print(f"# bench_loo: torch {torch.__version__}, {args.threads} thread(s), device "
           f"{args.device}; load average {C.load_average()}; {time.strftime('%Y-%m-%d %H:%M')}\n",
           flush=True)

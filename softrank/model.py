@@ -425,6 +425,28 @@ class ModelData:
             return None
         return self.family.prepare_target(self.y[sl].to(self.device), z)
 
+    def subset(self, indices) -> "ModelData":
+        """The same network, loss and settings on some of the samples: a curvature subsample
+        of the same training set.
+
+        Parameters
+        ----------
+        indices : array-like of int, shape (k,)
+            Distinct positions into this object's samples.
+
+        Returns
+        -------
+        ModelData
+            With ``n = k`` and ``n_train`` unchanged; it shares this object's evaluation copy
+            of the network (none is made).
+        """
+        idx = torch.as_tensor(np.asarray(indices), dtype=torch.long)
+        out = copy.copy(self)
+        out.X = self.X[idx]
+        out.y = None if self.y is None else self.y[idx]
+        out.n = len(idx)
+        return out
+
     def batches(self, vectors: str | None = None, generator: torch.Generator | None = None,
                 mc_samples: int = 1, indices: torch.Tensor | None = None) -> Iterator[Batch]:
         """Stream batches. ``vectors``: None (outputs only), 'fisher' (columns of B_i),

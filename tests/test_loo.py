@@ -399,23 +399,44 @@ def test_fisher_rows_path_equals_the_full_blocks():
                                atol=1e-13)
 
 
-def test_auto_picks_exact_then_nystrom_then_cavity(monkeypatch):
+def test_auto_picks_exact_then_nystrom(monkeypatch):
     net, X, y = _small_mlp_data(12, n=30)
     md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
     assert approx_loo(md, 0.05).method == "exact"
     monkeypatch.setattr(memory, "LOO_AUTO_EXACT_BYTES", 0)
     monkeypatch.setattr(memory, "LOO_NYSTROM_POINTS", 10)  # a third of the points
-    monkeypatch.setattr(memory, "LOO_CAVITY_POINTS", 10)
     res = approx_loo(md, 0.05, random_state=0)
     assert res.method == "nystrom" and len(res.indices) == 10 and res.stderr > 0
-    monkeypatch.setattr(memory, "LOO_AUTO_NYSTROM_SHARE", 0.5)  # 10 of 30: below the share
-    res = approx_loo(md, 0.05, random_state=0)
-    assert res.method == "cavity" and len(res.indices) == 10 and res.stderr > 0
-    # the share is of the training set, not of a curvature subsample of it
-    sub = ModelData(net, nn.CrossEntropyLoss(), X[:20], y[:20], batch_size=8, n_train=60)
-    assert memory.resolve_loo_method(sub, "auto") == "cavity"
-    monkeypatch.setattr(memory, "LOO_AUTO_NYSTROM_SHARE", 1 / 6)
-    assert memory.resolve_loo_method(sub, "auto") == "nystrom"
+    assert memory.resolve_loo_method(md, "auto") == "nystrom"
+    assert memory.resolve_loo_method(md, "cavity") == "cavity"
+
+
+def test_nystrom_uses_a_jackknifed_subsample_of_the_curvature_samples(monkeypatch):
+    """'nystrom' keeps at most LOO_NYSTROM_SAMPLES_PER_POINT curvature samples per point: its
+    points and random others, drawn after them from the same random state — the method on
+    that subsample (n unchanged), jackknifed; the training loss is still every sample's."""
+    net, X, y = _small_mlp_data(14, n=60)
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=16)
+    monkeypatch.setattr(memory, "LOO_NYSTROM_SAMPLES_PER_POINT", 3)
+    assert memory.nystrom_samples(60, 8) == 24  # at most half of the samples, else all:
+    assert memory.nystrom_samples(40, 8) == 40 and memory.nystrom_samples(48, 8) == 24
+    res = approx_loo(md, 0.05, "nystrom", n_points=8, random_state=3)
+    assert res.diagnostics["curvature_samples"] == 24 and "jackknife" in res.diagnostics
+    rng = np.random.RandomState(3)
+    S = np.sort(rng.choice(60, 8, replace=False))
+    used = np.sort(np.concatenate([S, rng.choice(np.setdiff1d(np.arange(60), S), 16,
+                                                 replace=False)]))
+    np.testing.assert_array_equal(res.indices, S)
+    ref = approx_loo(md.subset(used), 0.05, "nystrom", indices=np.searchsorted(used, S))
+    assert res.gap == pytest.approx(ref.gap, rel=1e-10)
+    assert res.stderr == pytest.approx(ref.stderr, rel=1e-10)
+    np.testing.assert_allclose(res.loo_losses, ref.loo_losses, rtol=1e-10)
+    full_loss = nn.CrossEntropyLoss()(net(X), y).item()
+    assert res.train_loss == pytest.approx(full_loss, rel=1e-6)
+    assert md.subset(used).n_train == 60 and md.subset(used).n == 24
+    monkeypatch.setattr(memory, "LOO_NYSTROM_SAMPLES_PER_POINT", None)  # every sample
+    every = approx_loo(md, 0.05, "nystrom", n_points=8, random_state=3)
+    assert every.diagnostics["curvature_samples"] == 60 and "jackknife" not in every.diagnostics
 
 
 def test_subsample_not_converged_warns_and_has_no_stderr():
@@ -687,6 +708,69 @@ def _nystrom_reference(net, X, y, lam_vec, n_train, S):
     Xi = torch.einsum("ikp,pq->ikq", J[S], Dinv[:, None] * U)  # (m, K, N·K)
     theta = torch.einsum("ikp,ilp->ikl", J[S] * Dinv, J[S])
     return theta - Xi @ torch.linalg.solve(E + Q, Xi.transpose(1, 2)), B[S]
+
+
+@pytest.mark.parametrize("fisher_space", [False, True])
+def test_nystrom_jackknife_groups_are_the_method_without_them(fisher_space):
+    """On a curvature subsample 'nystrom' also returns its blocks with each group of other
+    samples left out: exactly the method run on the samples without that group (the other
+    samples then standing for more training points each); with every training point a sample
+    there is nothing to correct and no group."""
+    net, X, y = _small_mlp_data(21, n=40)
+    L = as_lam(0.05, *_lam_cases(net)[1:])
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8, n_train=100)
+    S = np.array([0, 3, 8, 9, 15, 22, 31])
+    _, _, _, jack = loo_module._nystrom_blocks(md, L, S, fisher_space, groups=4)
+    assert len(jack) == 4
+    others = np.setdiff1d(np.arange(40), S)
+    group = np.random.RandomState(0).permutation(len(others)) % 4
+    for g, P_g in enumerate(jack):
+        keep = np.sort(np.concatenate([S, others[group != g]]))
+        md_g = ModelData(net, nn.CrossEntropyLoss(), X[keep], y[keep], batch_size=8,
+                         n_train=100)
+        ref, *_ = loo_module._nystrom_blocks(md_g, L, np.searchsorted(keep, S), fisher_space)
+        np.testing.assert_allclose(P_g, ref, rtol=1e-8, atol=1e-12 * float(ref.abs().max()))
+    full = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8)
+    assert loo_module._nystrom_blocks(full, L, S, fisher_space)[3] == []
+    # other samples above half of the other training points: weighted, not jackknifed
+    most = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8, n_train=60)
+    assert loo_module._nystrom_blocks(most, L, S, fisher_space)[3] == []
+
+
+def test_nystrom_jackknife_corrects_the_subsample_bias():
+    """A curvature subsample biases 'nystrom' upward (the inverse of a sampled sum); the
+    jackknifed gap lands nearer the gap with every sample than the uncorrected one, its standard
+    error grows by the jackknife's, and the diagnostics hold both."""
+    torch.manual_seed(0)
+    X = torch.randn(400, 10, dtype=torch.float64)
+    y = (X[:, :3].sum(1) > 0).long() + (X[:, 3] > 1).long()
+    net = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 3)).double()
+    opt = torch.optim.LBFGS(net.parameters(), max_iter=300, line_search_fn="strong_wolfe")
+
+    def objective():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(X), y) + 0.5e-2 * sum(
+            (p ** 2).sum() for p in net.parameters())
+        loss.backward()
+        return loss
+
+    opt.step(objective)  # finished to the regularized minimum the estimate assumes
+    S = np.arange(0, 400, 10)
+    all_samples = approx_loo(ModelData(net, nn.CrossEntropyLoss(), X, y), 1e-2, "nystrom",
+                             indices=S).gap
+    others = np.random.RandomState(1).permutation(np.setdiff1d(np.arange(400), S))[:160]
+    sub = np.sort(np.concatenate([S, others]))
+    md = ModelData(net, nn.CrossEntropyLoss(), X[sub], y[sub], n_train=400)
+    res = approx_loo(md, 1e-2, "nystrom", indices=np.searchsorted(sub, S))
+    jk = res.diagnostics["jackknife"]
+    assert jk["groups"] == loo_module._JACKKNIFE_GROUPS == len(jk["left_out_gaps"])
+    assert jk["uncorrected_gap"] > 1.2 * all_samples  # the bias corrected here
+    assert abs(res.gap - all_samples) < 0.25 * (jk["uncorrected_gap"] - all_samples)
+    G = jk["groups"]  # the gap is the jackknife of the per-point values, linear in them
+    assert res.gap == pytest.approx(G * jk["uncorrected_gap"] - (G - 1) * np.mean(
+        jk["left_out_gaps"]), rel=1e-10)
+    assert jk["stderr"] > 0 and res.stderr > jk["stderr"]
+    assert res.diagnostics["invalid_points"] == 0
 
 
 @pytest.mark.parametrize("n_train", [None, 75])  # every training point, or a curvature subsample

@@ -103,6 +103,20 @@ def test_nystrom_estimator_and_its_summary(fitted):
     assert "Here" not in _nystrom_statement(300, 3000)
     far = _nystrom_statement(300, 60000)  # 0.5 %: below every share it was compared at
     assert "Here only 0.5 % of the points are kept, less than the 10 %" in far
+    assert "curvature samples" not in far
+    assert "Here" not in _nystrom_statement(300, 3000, None, 3000)  # all samples: no note
+    # on a curvature subsample the summary states that subsample's measured upward bias
+    sub = ApproxLOO(net, method="nystrom", n_points=20, n_curvature_samples=len(X) // 2,
+                    random_state=0).fit(X, y)
+    assert sub.result_.diagnostics["curvature_samples"] == len(X) // 2
+    text = sub.summary().statements[sub.summary().regimes.index("approximate_loo")]
+    assert f"from {len(X) // 2:,} curvature samples of the {len(X):,} training points" in text
+    assert "+40 % → +3.3 % with 3,000" in text and "jackknife" in text
+    jk = sub.result_.diagnostics["jackknife"]
+    assert sub.gap_ != pytest.approx(jk["uncorrected_gap"], rel=1e-6)
+    # more than half of the samples: weighted, not jackknifed, and the summary says so
+    most = _nystrom_statement(300, 60000, None, 40000, jackknifed=False)
+    assert "more than half of them, so not jackknifed" in most
     # every point kept: the exact computation, nothing sampled, no caveat
     full = ApproxLOO(net, method="nystrom", n_points=10 ** 6).fit(X, y)
     assert full.stderr_ is None and "approximate_loo" not in full.summary().regimes

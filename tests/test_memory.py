@@ -277,7 +277,13 @@ def test_loo_nystrom_is_flat_in_n_and_quadratic_in_the_points():
     key = "the kept points' Gram's Cholesky, C, its Cholesky, Y, Z (five (mK')²)"
     a = estimate_loo_memory(small, "nystrom", n_points=50)
     assert a.breakdown[key] == 5 * 8 * (50 * 5) ** 2
-    assert estimate_loo_memory(large, "nystrom", n_points=50).total == a.total
+    # 10 samples per point are above half of 600 (all used, no jackknife), below half of
+    # 6,400 and 12,800 (a subsample: its jackknife's 2·6 more squares), and then flat in n
+    jk = "jackknife sums (curvature subsample): 2·(groups + 1) (mK')²"
+    assert a.breakdown.get(jk, 0) == 0
+    c = estimate_loo_memory(large, "nystrom", n_points=50)
+    assert c.breakdown[jk] == 12 * 8 * (50 * 5) ** 2 and c.total == a.total + c.breakdown[jk]
+    assert estimate_loo_memory(mlp_data(12800), "nystrom", n_points=50).total == c.total
     b = estimate_loo_memory(small, "nystrom", n_points=200)
     assert b.breakdown[key] == 16 * a.breakdown[key]
     # the default: LOO_NYSTROM_POINTS, at most n

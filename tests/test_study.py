@@ -195,8 +195,9 @@ def test_failed_measure_is_recorded_not_fatal(monkeypatch):
     assert "ekfac: ValueError: simulated failure" in row["errors"]
     assert math.isfinite(row["rank_kfac"]) and "rank_ekfac" not in row
     # exact ApproxLOO needs every training point in the Gram matrix: n = 40 > 20 skips it
-    assert "loo_exact: n=40 > gram_samples=20" in row["skipped"]
-    assert "est_loo_exact" not in row
+    # ... and runs ApproxLOO's large-n method in its place, 'nystrom' (its 300 points: all 40)
+    assert "loo_exact: n=40 > gram_samples=20; loo_nystrom instead" in row["skipped"]
+    assert "est_loo_exact" not in row and math.isfinite(row["est_loo_nystrom"])
 
 
 def test_cnn_on_digits_runs():
@@ -729,6 +730,8 @@ def test_loo_records_invalid_points_without_warning():
     assert "est_loo_cavity_stderr" not in cav  # 50 clipped to the 20 points: nothing sampled
     part = _loo(md, 1e-4, "cavity", seed=0, points=8)
     assert part["est_loo_cavity_stderr"] > 0
+    nys = _loo(md, 1e-4, "nystrom", seed=0, points=8)  # loo_points also sets 'nystrom''s
+    assert nys["est_loo_nystrom_stderr"] > 0 and nys["loo_nystrom_invalid_points"] == 0
 
 
 def test_loo_points_option_keeps_ids_of_grids_without_it():

@@ -113,8 +113,9 @@ class MeasureOptions:
     n ≤ gram_samples). ``loo``: ApproxLOO methods ('exact': only when n ≤ gram_samples;
     'kfac': all points). ``hessian``: Tr H and λ_max(H) on ``hessian_samples`` training points
     (dense when p ≤ ``dense_max_params``, else matrix-free: Hutch++ with 3·``hessian_probes``
-    products, ``hessian_iterations`` Lanczos steps). ``loo_points``: the points 'cavity' keeps
-    exactly and 'subsample' measures (0: ApproxLOO's defaults, 1,000 and all).
+    products, ``hessian_iterations`` Lanczos steps). ``loo_points``: the points 'nystrom' and
+    'cavity' keep exactly and 'subsample' measures (0: ApproxLOO's defaults, 300, 1,000 and
+    all).
     ``test_samples``: test points for α on test data. ``ece_bins``: equal-width confidence
     bins of the expected calibration error.
     """
@@ -132,7 +133,7 @@ class MeasureOptions:
     ece_bins: int = 15
     batch_size: int = 256
     finish: int = 0  # L-BFGS iterations to finish each net and measure it again (0: as trained)
-    loo_points: int = 0  # points of ApproxLOO 'cavity' and 'subsample' (0: their defaults)
+    loo_points: int = 0  # points of ApproxLOO 'nystrom', 'cavity', 'subsample' (0: defaults)
 
     def __post_init__(self):
         _validate_fields(self, "measures.")

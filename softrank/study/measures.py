@@ -32,9 +32,9 @@ Every ``est_*`` column is a gap estimate in loss units, comparable to ``observed
 subsample's Fisher, which misses the directions pinned by the other points (at most
 m(K−1) of them), not the full one. ApproxLOO ``'exact'`` runs only when n ≤ ``gram_samples``:
 on a subsample each point's own share of the Fisher would be n/m too large and its leave-one-out
-step far too small, so above ``gram_samples`` the ``'cavity'`` method (valid at any n, with a
-standard error, keeping ``loo_points`` points) runs in its place as ``est_loo_cavity``
-(``skipped`` says so). The Hessian uses ``hessian_samples`` points.
+step far too small, so above ``gram_samples`` the large-n method of ``ApproxLOO(method='auto')``,
+``'nystrom'``, runs in its place as ``est_loo_nystrom``, with a standard error, keeping
+``loo_points`` points (``skipped`` says so). The Hessian uses ``hessian_samples`` points.
 """
 from __future__ import annotations
 
@@ -145,9 +145,9 @@ def measure_model(module, criterion, data, lam: float, options, seed: int = 0
         row.step(approx, lambda: _fisher_measures(md_a, lam, approx, alpha, options))
     for method in options.loo:
         if method == "exact" and n > options.gram_samples:  # the large-n method instead
+            method = "nystrom"
             row.skipped.append(f"loo_exact: n={n} > gram_samples={options.gram_samples}; "
-                               "loo_cavity instead")
-            method = "cavity"
+                               f"loo_{method} instead")
         row.step(f"loo_{method}", lambda: _loo(md, lam, method, seed, options.loo_points))
     if options.hessian:
         md_h = _subsample(module, criterion, data.X_train, data.y_train,
@@ -203,7 +203,8 @@ def _fisher_measures(md: ModelData, lam: float, approx: str, alpha: float, optio
 
 def _loo(md: ModelData, lam: float, method: str, seed: int, points: int = 0
          ) -> dict[str, float]:
-    n_points = min(points, md.n) if points and method in ("cavity", "subsample") else None
+    n_points = (min(points, md.n) if points and method in ("nystrom", "cavity", "subsample")
+                else None)
     with warnings.catch_warnings():  # the invalid points are recorded in the row instead
         warnings.filterwarnings("ignore", message=WARNING_PREFIX, category=RuntimeWarning)
         res = approx_loo(md, lam, method, n_points=n_points, random_state=seed)
