@@ -195,7 +195,7 @@ def _cavity_statement(m: int, n: int, s: float, correlation: float | None = None
             "bias, which is the larger error. Action: use method='exact' where its memory "
             "allows (see the estimator's estimate_memory(X) with method='exact'), else more "
             "n_points (the bias fell as more points were kept), or method='nystrom', whose "
-            "estimate erred downward on the same nets (time grows as n·n_points²).")
+            "estimate erred downward on the same nets.")
 
 
 #: what the benchmarks measured of method='nystrom' against 'exact' (MNIST MLPs finished to the
@@ -213,44 +213,52 @@ _NYSTROM_SUBSAMPLE_MEASURED = {10000: ("+10 %", "−3.3 %"), 6000: ("+21 %", "�
 
 
 def _nystrom_statement(m: int, n: int, correlation: float | None = None,
-                       samples: int | None = None, jackknifed: bool = True) -> str:
+                       samples: int | None = None, jackknife: dict | None = None,
+                       gap: float | None = None) -> str:
     rows = ", ".join(f"{v} with {k}" for k, v in _NYSTROM_MEASURED.items())
     most, fewest, share = max(_NYSTROM_MEASURED), min(_NYSTROM_MEASURED), 100 * m / n
     notes = []
     if m < most:
-        notes.append(f"{m} point{'s are' if m != 1 else ' is'} kept, fewer than {most}, and the "
-                     "measured bias grew as fewer were kept"
-                     + (f" (fewer than in any comparison, {fewest})" if m < fewest else ""))
+        notes.append(f"Here {m} point{'s are' if m != 1 else ' is'} kept, fewer than {most}: "
+                     "the measured bias grew as fewer were kept"
+                     + (f" (fewer than in any comparison, {fewest})." if m < fewest else "."))
     if share < _NYSTROM_FEWEST_SHARE:
-        notes.append(f"only {share:.2g} % of the points are kept, less than the "
-                     f"{_NYSTROM_FEWEST_SHARE:g} % of the comparisons with {most} points, and the "
-                     "bias also grew as the share kept fell (at n = 60,000, with no exact "
-                     "reference, the gap still rose from 0.053 with 300 points to 0.064 with "
-                     "600: at least 17 % low with 300)")
-    if samples is not None and samples < n and jackknifed:
-        measured = ", ".join(f"{a} → {b} with {k:,}"
-                             for k, (a, b) in _NYSTROM_SUBSAMPLE_MEASURED.items())
-        notes.append(f"the other points come from {samples:,} curvature samples of the {n:,} "
-                     "training points; such a subsample biases the gap upward, and a "
-                     "jackknife over groups of the samples corrected that where measured (at "
-                     "n = 60,000, 300 points kept, against all samples, before → after: "
-                     f"{measured}), its variance part of the standard error")
-    elif samples is not None and samples < n:
-        notes.append(f"the other points come from {samples:,} curvature samples of the {n:,} "
-                     "training points, more than half of them, so not jackknifed: the "
-                     "subsample's upward bias, measured only on small shares, is not corrected")
-    where = f" Here {'; '.join(notes)}." if notes else ""
-    cv = ("," if correlation is None or correlation != correlation else
-          " — reduced by a control variate computed for every point, which follows the kept "
-          f"points' values (correlation {correlation:.3f}) —")
+        notes.append(f"Only {share:.2g} % of the points are kept, below the "
+                     f"{_NYSTROM_FEWEST_SHARE:g} % of those comparisons with {most} points, and "
+                     "the bias grew as that share fell: at n = 60,000 (no exact reference) the "
+                     "gap still rose from 0.053 with 300 points to 0.064 with 600, so it is at "
+                     "least 17 % low there.")
+    if samples is not None and samples < n:
+        where = (f"The other points come from {samples:,} curvature samples (the {m} kept "
+                 f"points and {samples - m:,} others) of the {n:,}")
+        if jackknife is not None:
+            measured = ", ".join(f"{a} → {b} with {k:,}"
+                                 for k, (a, b) in _NYSTROM_SUBSAMPLE_MEASURED.items())
+            fixed = (f" here from {jackknife['uncorrected_gap']:.3g} to {gap:.3g}"
+                     if gap is not None else "")
+            notes.append(f"{where}: such a subsample biases the gap upward, and a jackknife "
+                         f"over {jackknife['groups']} groups of them corrected it{fixed} "
+                         "(where measured, at n = 60,000 with 300 points, against all samples: "
+                         f"{measured}).")
+        else:
+            notes.append(f"{where}, more than half of them, so not jackknifed: the "
+                         "subsample's upward bias is not corrected.")
+    cv = ("" if correlation is None or correlation != correlation else
+          " (reduced by a control variate computed for every point, which follows the kept "
+          f"points' values: correlation {correlation:.3f})")
+    sampled = (" and of the curvature samples (the jackknife's)" if jackknife is not None
+               else "")
     return (f"Approximate leave-one-out: {m} of {n} points ({100 * m / n:.2g} %) kept exactly, "
-            "the others through a Nyström approximation on them with their own terms exact; "
-            "measured against the exact method on MNIST MLPs finished to the regularized "
+            "the others through a Nyström approximation on them with their own terms exact. "
+            "Measured against the exact method on MNIST MLPs finished to the regularized "
             "minimum (n = 1,000 and 3,000, λ from 1e-4 to 1e-1), the gap was "
-            f"{rows} points kept: biased low, less as more points are kept, while "
-            f"method='cavity' erred upward on the same points.{where} The standard error "
-            f"covers only the sampling of points{cv} not this bias. Action: use method='exact' "
-            "where its memory allows, else more n_points (time grows as n·n_points²).")
+            f"{rows} points kept: biased low, less as more points are kept (method='cavity' "
+            f"erred upward on the same points). {' '.join(notes)}{' ' if notes else ''}"
+            f"The standard error covers the sampling of the points{cv}{sampled}, not this "
+            "bias. Action: use method='exact' where its memory allows (the estimator's "
+            "estimate_memory(X) with method='exact' says how much it needs), else more "
+            "n_points (time grows as n_points³ while 10 samples per point are at most half "
+            "of them, then as n·n_points²).")
 
 
 def _effective_statement(lam) -> str:
@@ -318,7 +326,7 @@ def summarize(est) -> EstimateSummary:
         statements.append(_nystrom_statement(
             len(est.loo_indices_), int(est.n_train_),
             diag.get("control_variate", {}).get("correlation"), diag.get("curvature_samples"),
-            "jackknife" in diag))
+            diag.get("jackknife"), est.gap_))
     stderr = getattr(est, "stderr_", None)
     return EstimateSummary(
         estimator=name, measure=float(est.measure_), gap=est.gap_,

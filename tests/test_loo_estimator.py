@@ -98,25 +98,29 @@ def test_nystrom_estimator_and_its_summary(fitted):
     text = s.statements[s.regimes.index("approximate_loo")]
     assert f"20 of {len(X)} points" in text and "Nyström" in text and "{" not in text
     assert "Here 20 points are kept" in text and "fewer than in any comparison" in text
+    assert "not this bias" in text and "covers only" not in text
     assert "of the points are kept" not in text  # a third: above the measured shares
     from softrank.summary import _nystrom_statement
     assert "Here" not in _nystrom_statement(300, 3000)
     far = _nystrom_statement(300, 60000)  # 0.5 %: below every share it was compared at
-    assert "Here only 0.5 % of the points are kept, less than the 10 %" in far
+    assert "Only 0.5 % of the points are kept, below the 10 %" in far
     assert "curvature samples" not in far
     assert "Here" not in _nystrom_statement(300, 3000, None, 3000)  # all samples: no note
+    assert "Only" not in _nystrom_statement(300, 3000, None, 3000)
     # on a curvature subsample the summary states that subsample's measured upward bias
     sub = ApproxLOO(net, method="nystrom", n_points=20, n_curvature_samples=len(X) // 2,
                     random_state=0).fit(X, y)
     assert sub.result_.diagnostics["curvature_samples"] == len(X) // 2
     text = sub.summary().statements[sub.summary().regimes.index("approximate_loo")]
-    assert f"from {len(X) // 2:,} curvature samples of the {len(X):,} training points" in text
-    assert "+40 % → +3.3 % with 3,000" in text and "jackknife" in text
+    assert f"from {len(X) // 2:,} curvature samples (the 20 kept points and" in text
+    assert "+40 % → +3.3 % with 3,000" in text and "of the curvature samples" in text
     jk = sub.result_.diagnostics["jackknife"]
     assert sub.gap_ != pytest.approx(jk["uncorrected_gap"], rel=1e-6)
+    assert f"here from {jk['uncorrected_gap']:.3g} to {sub.gap_:.3g}" in text
     # more than half of the samples: weighted, not jackknifed, and the summary says so
-    most = _nystrom_statement(300, 60000, None, 40000, jackknifed=False)
+    most = _nystrom_statement(300, 60000, None, 40000, jackknife=None)
     assert "more than half of them, so not jackknifed" in most
+    assert "curvature samples (the jackknife's)" not in most
     # every point kept: the exact computation, nothing sampled, no caveat
     full = ApproxLOO(net, method="nystrom", n_points=10 ** 6).fit(X, y)
     assert full.stderr_ is None and "approximate_loo" not in full.summary().regimes
