@@ -1091,11 +1091,13 @@ class ApproxLOO(GapEstimator):
         curvature samples it uses: ``softrank.memory.LOO_NYSTROM_SAMPLES_PER_POINT`` (10) per
         point kept, its points and random others, where that is at most half of them, so that
         the time does not grow with n (at n = 60,000, CPU: 17.6 training epochs on that MLP,
-        22.1 on a small CNN, against 149 on the MLP with all 60,000 samples). Such a subsample biases the gap upward (300 points on 10,000, 6,000
-        and 3,000 of the 60,000 samples: +10 %, +21 %, +40 %), which a jackknife over five
-        groups of the samples corrects (then −3.3 %, −0.1 %, +3.3 % of the gap with all
-        samples, within one standard error; ``result_.diagnostics['jackknife']``), its
-        variance part of ``stderr_``.
+        22.1 on a small CNN, against 149 on the MLP with all 60,000 samples). Such a
+        subsample biases the gap upward (300 points on 10,000, 6,000 and 3,000 of the 60,000
+        samples: +10 %, +21 %, +40 %), which a jackknife over five groups of the samples
+        corrects (then −3.3 %, −0.1 %, +3.3 % of the gap with all samples, within one
+        standard error; ``result_.diagnostics['jackknife']``), its variance part of
+        ``stderr_``. Over 56 MNIST and Fashion-MNIST MLPs (100 points kept, n = 300 and
+        1,200) its gap was 0.82–1.12× the exact one, within about one of its standard errors.
         'cavity': ``n_points`` random points kept exactly, the other points through EKFAC
         shrunk by their own leverage (a self-consistent scalar s in
         ``result_.diagnostics['rest_shrinkage']``, with ``'rest_shrinkage_stderr'`` and

@@ -71,14 +71,16 @@ method. Ways to get :math:`P_i` (``method``):
   and per batch a product of size m(K−1)), memory that of an m(K−1) square, flat in n. It
   uses ``softrank.memory.LOO_NYSTROM_SAMPLES_PER_POINT`` (10) curvature samples per point
   kept — its points and random others — where those are at most half of them, so that its
-  time, ∝ m³ then, does not grow with n. On such a subsample (N of the n training points) each other sample stands for
-  (n − m)/(N − m) points, and the inverse of that sampled sum is biased upward (on MNIST at
-  n = 60,000, 300 points kept: +10 %, +21 % and +40 % with 10,000, 6,000 and 3,000 samples,
-  against all of them), so the method jackknifes it: the other samples in five groups, each
-  point's values recomputed with each group left out, and G·(all) − (G − 1)·(mean with one
-  left out) taken per point (the delete-a-group jackknife; Quenouille, 1956; Efron & Stein,
-  1981), its variance added to the standard error — on the same runs −3.3 %, −0.1 % and
-  +3.3 % of the gap with every sample, within one standard error;
+  time, ∝ m³ then, does not grow with n. On such a subsample (N of the n training points)
+  each other sample stands for (n − m)/(N − m) points, and the inverse of that sampled sum is
+  biased upward (on MNIST at n = 60,000, 300 points kept: +10 %, +21 % and +40 % with 10,000,
+  6,000 and 3,000 samples, against all of them), so the method jackknifes it: the other
+  samples in five groups, each point's values recomputed with each group left out, and
+  G·(all) − (G − 1)·(mean with one left out) taken per point (the delete-a-group jackknife;
+  Quenouille, 1956; Efron & Stein, 1981), its variance added to the standard error — on the
+  same runs −3.3 %, −0.1 % and +3.3 % of the gap with every sample, within one standard error.
+  At n = 60,000, with no exact reference, its gap still rose with the points kept (0.053 with
+  300, 0.064 with 600): there the default's is at least 17 % low;
 * ``'kfac'`` — :math:`P_i` from the Kronecker factors' eigenbases, one sample at a time, any n.
   Its failure mode: KFAC spreads each point's own curvature over the layer, so on wide or
   memorizing nets :math:`A_iP_i` reaches eigenvalues ≥ 1 for many points (invalid steps, counted
