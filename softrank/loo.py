@@ -558,17 +558,19 @@ def _nystrom_blocks(md, L, indices, fisher_space, records=None, groups: int | No
         start += N
     own = torch.cat([_own_blocks(rules, r, w) for r in rows_S])
     sizes = np.bincount(slot[~member], minlength=n_groups)
+    # the other samples' sums over every group, once: a group left out is subtracted from them
+    others = [None if parts is None else sum(parts[:n_groups]) for parts in (Cs, diags, Ys)]
 
     def blocks(left_out=None):  # the blocks with the other samples but group `left_out`
-        keep = [g for g in range(n_groups) if g != left_out]
-        c = (n - m) / int(sizes[keep].sum()) if weighted else 1.0
+        kept = sizes.sum() - (0 if left_out is None else sizes[left_out])
+        c = (n - m) / int(kept) if weighted else 1.0
 
-        def total(parts):  # S at weight 1, the other samples at weight c
-            out = c * sum(parts[g] for g in keep)
+        def total(k, parts):  # S at weight 1, the other samples at weight c
+            out = c * (others[k] if left_out is None else others[k] - parts[left_out])
             return out + parts[-1] if weighted else out
 
-        C, diag = total(Cs), total(diags)
-        Y = Lc @ C if Ys is None else total(Ys)  # Fisher rows: Y = L_S(C − I)
+        C, diag = total(0, Cs), total(1, diags)
+        Y = Lc @ C if Ys is None else total(2, Ys)  # Fisher rows: Y = L_S(C − I)
         C.diagonal().add_(1.0)
         Cl, info = torch.linalg.cholesky_ex(C)
         if info != 0:

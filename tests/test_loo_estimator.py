@@ -50,13 +50,21 @@ def test_subsample_reports_stderr_and_net_untouched(fitted):
     assert_same(before, snapshot(net))
 
 
+def _sampled_and_core(fitted, method, n_points):
+    """ApproxLOO(method, n_points) on the fitted net, its data's ModelData, and approx_loo on
+    it with the same points: (est, md, ref)."""
+    net, X, y = fitted
+    est = ApproxLOO(net, method=method, n_points=n_points, random_state=0).fit(X, y)
+    assert est.stderr_ > 0 and len(est.loo_indices_) == n_points
+    md = ModelData(net.module_, net.criterion_, X, y, output_transform=output_transform(net))
+    ref = approx_loo(md, 1e-2, method, n_points=n_points, random_state=0)
+    assert est.gap_ == pytest.approx(ref.gap, rel=1e-10)
+    return est, md, ref
+
+
 def test_cavity_and_auto(fitted):
     net, X, y = fitted
-    est = ApproxLOO(net, method="cavity", n_points=25, random_state=0).fit(X, y)
-    assert est.stderr_ > 0 and len(est.loo_indices_) == 25
-    md = ModelData(net.module_, net.criterion_, X, y, output_transform=output_transform(net))
-    ref = approx_loo(md, 1e-2, "cavity", n_points=25, random_state=0)
-    assert est.gap_ == pytest.approx(ref.gap, rel=1e-10)
+    est, md, ref = _sampled_and_core(fitted, "cavity", 25)
     auto = ApproxLOO(net).fit(X, y)  # small n·K: 'auto' is 'exact'
     assert auto.gap_ == pytest.approx(approx_loo(md, 1e-2, "exact").gap, rel=1e-10)
     # the summary says how far to trust the cavity estimate, with its numbers; not for exact
@@ -87,11 +95,7 @@ def test_cavity_and_auto(fitted):
 
 def test_nystrom_estimator_and_its_summary(fitted):
     net, X, y = fitted
-    est = ApproxLOO(net, method="nystrom", n_points=20, random_state=0).fit(X, y)
-    assert est.stderr_ > 0 and len(est.loo_indices_) == 20
-    md = ModelData(net.module_, net.criterion_, X, y, output_transform=output_transform(net))
-    ref = approx_loo(md, 1e-2, "nystrom", n_points=20, random_state=0)
-    assert est.gap_ == pytest.approx(ref.gap, rel=1e-10)
+    est, md, ref = _sampled_and_core(fitted, "nystrom", 20)
     assert est.result_.diagnostics["invalid_points"] == 0
     s = est.summary()
     assert "approximate_loo" in s.regimes and not s.trustworthy
