@@ -85,8 +85,10 @@ def parse_args(argv=None):
                    help="softrank.memory.LOO_NYSTROM_SAMPLES_PER_POINT for this run: a number, "
                         "or 'all' (every curvature sample, no jackknife); default: the "
                         "library's")
-    p.add_argument("--scale-method", choices=("cavity", "nystrom"), default="cavity",
-                   help="scale part: the method timed")
+    p.add_argument("--scale-method", choices=("cavity", "nystrom", "exact"), default="cavity",
+                   help="scale part: the method timed ('exact': every point, in parameter "
+                        "space where p < nK; the points of each configuration only select the "
+                        "mean printed for them)")
     p.add_argument("--scale-nets", default="mlp,cnn", help="scale part: mlp, cnn or both")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--profile", action="store_true",
@@ -256,8 +258,11 @@ def scale_part(args):
             md, idx = scale_data(model, X, y, n, m, nc, points, others)
             base_rss = C.rss_bytes()
             C.reset_peak_rss()
-            call = lambda: approx_loo(md, lam, args.scale_method, indices=idx,  # noqa: E731
-                                      random_state=args.seed)
+            if args.scale_method == "exact":
+                call = lambda: approx_loo(md, lam, "exact")  # noqa: E731
+            else:
+                call = lambda: approx_loo(md, lam, args.scale_method,  # noqa: E731
+                                          indices=idx, random_state=args.seed)
             if args.profile:
                 prof = cProfile.Profile()
                 call = (lambda f: lambda: prof.runcall(f))(call)
@@ -268,6 +273,13 @@ def scale_part(args):
                       f"(cumulative CPU s, epoch {ep_c:.2f} s)")
                 pstats.Stats(prof).sort_stats("cumulative").print_stats(
                     r"softrank/(loo|curvature)")
+            # the plain mean of the gap terms over the configuration's m points: for 'exact'
+            # from its per-point values, else the sampled methods' own (same points: paired)
+            terms = res.loo_losses - res.point_losses
+            on_points = (terms[idx].mean() if args.scale_method == "exact" else
+                         res.diagnostics.get("sample_mean_gap", float("nan")))
+            print(f"# {name}, {args.scale_method}: mean gap term over the {m} points "
+                  f"{on_points:.5f}", flush=True)
             if nc >= n:
                 full_gap[m] = res.gap
             same = (f"{(res.gap - full_gap[m]) / full_gap[m]:+.1%}"
@@ -280,7 +292,8 @@ def scale_part(args):
                          f"{res.diagnostics['rest_shrinkage']:.3f} "
                          f"({its['quarter of the points']} + {its['all points']})" if its else
                          "—",
-                         f"{res.gap:.4f} ± {res.stderr:.2g}",
+                         f"{res.gap:.4f}" + ("" if res.stderr is None else
+                                             f" ± {res.stderr:.2g}"),
                          f"{jk['uncorrected_gap']:.4f} (± {jk['stderr']:.2g})" if jk else "—",
                          same,
                          res.diagnostics["invalid_points"],

@@ -1074,7 +1074,9 @@ class ApproxLOO(GapEstimator):
     method : {'auto', 'exact', 'nystrom', 'cavity', 'kfac', 'subsample'}, default='auto'
         'auto' (default): 'exact' while its memory (a Cholesky of size n(K−1)) stays below
         ``softrank.memory.LOO_AUTO_EXACT_BYTES`` (2 GiB); above it 'nystrom'.
-        'exact': Woodbury on the empirical NTK, one Cholesky of size n(K−1) (moderate n·K).
+        'exact': Woodbury on the empirical NTK, one Cholesky of size n(K−1) (moderate n·K);
+        where p < nK the same blocks from the p × p Gauss–Newton Hessian + nΛ instead
+        (memory p², time ∝ n·K·p²: small nets at any n, though slower there than 'nystrom').
         'nystrom': ``n_points`` random points (default 300) kept exactly and the other
         points through a Nyström approximation on them with each one's own term exact
         (FITC [3]_): every entry of the kernel :math:`JD^{-1}J^\top` that involves a kept
@@ -1084,14 +1086,16 @@ class ApproxLOO(GapEstimator):
         λ from 1e-4 to 1e-1, the gap was 4.2 % below to 5.3 % above the exact one with 300
         points kept, 5–12 % below with 100, 15–67 % below with 30 (where 'cavity' erred
         upward: on the same points the two bracketed the exact value on every net measured,
-        a measured property, not a bound); at n = 60,000 (MLP 784-512-10), where no exact
-        reference runs, the gap still rose with the points kept (0.034, 0.053 and 0.064
-        with 100, 300 and 600), so there the default's is at least 17 % below the exact one.
+        a measured property, not a bound); at n = 60,000 on a small CNN (p = 9,098, exact in
+        parameter space) the default's gap was 2.4 % below the exact one, 31 % below with
+        100 points; on an MLP 784-512-10, where no exact reference runs, it still rose with
+        the points kept (0.034, 0.053 and 0.064 with 100, 300 and 600), so there the
+        default's is presumably at least 17 % below the exact one.
         Its memory grows as ``n_points``², flat in n; its time as ``n_points``² times the
         curvature samples it uses: ``softrank.memory.LOO_NYSTROM_SAMPLES_PER_POINT`` (10) per
         point kept, its points and random others, where that is at most half of them, so that
-        the time does not grow with n (at n = 60,000, CPU: 17.6 training epochs on that MLP,
-        22.1 on a small CNN, against 149 on the MLP with all 60,000 samples). Such a
+        the time does not grow with n (at n = 60,000, CPU: 9.0 training epochs on that MLP,
+        13.0 on the CNN, against 149 on the MLP with all 60,000 samples). Such a
         subsample biases the gap upward (300 points on 10,000, 6,000 and 3,000 of the 60,000
         samples: +10 %, +21 %, +40 %), which a jackknife over five groups of the samples
         corrects (then −3.3 %, −0.1 %, +3.3 % of the gap with all samples, within one

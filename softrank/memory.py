@@ -33,11 +33,15 @@ exact           :math:`1.5\cdot 8(nK')^2` (the Cholesky of I + BᵀΘB, factored
                 place, and the temporaries of the diagonal blocks of its inverse) +
                 :math:`2\cdot 8BK\cdot nK'` (one batch of kernel rows and their
                 solve) + the recorded layer inputs / Jacobian and Fisher output
-                gradients of all n
+                gradients of all n; where p < nK (:func:`exact_loo_space`) instead
+                :math:`8p^2` (the Gauss–Newton Hessian + nΛ, factored in place) +
+                :math:`2\cdot 8BKp` (one batch of per-sample gradient rows and their
+                solve) + one batch of records
 nystrom         five :math:`8(mK')^2` squares (the Cholesky of the kept points'      m², layers
-                Gram, C and its Cholesky, Y, Z) + the kernel of the m points against
-                one batch + the EKFAC factors of the control variate (default m:
-                :data:`LOO_NYSTROM_POINTS`); on a curvature subsample also C and Y
+                Gram, C and its Cholesky, Y, Z; Y only outside the Fisher rows' range,
+                counted anyway) + the kernel of the m points against one batch + the
+                EKFAC factors of the control variate (default m:
+                :data:`LOO_NYSTROM_POINTS`); on a curvature subsample also C (and Y)
                 per jackknife group and for the kept points, 2·6 more squares
 cavity          as exact with m points instead of n (default                        m², layers
                 :data:`LOO_CAVITY_POINTS`), + the EKFAC factors and eigenbases
@@ -84,7 +88,7 @@ __all__ = ["MemoryEstimate", "estimate_memory", "check_memory", "parse_bytes",
            "estimate_loo_memory", "check_loo_memory", "available_memory",
            "MEMORY_APPROXIMATIONS", "LOO_MEMORY_METHODS", "resolve_loo_method",
            "KFAC_CACHE_BYTES", "LOO_CAVITY_POINTS", "LOO_NYSTROM_POINTS", "LOO_AUTO_EXACT_BYTES",
-           "LOO_NYSTROM_SAMPLES_PER_POINT", "nystrom_samples"]
+           "LOO_NYSTROM_SAMPLES_PER_POINT", "nystrom_samples", "exact_loo_space"]
 
 MEMORY_APPROXIMATIONS = ("dense", "gram", "diagonal", "kfac", "ekfac", "matrix_free")
 LOO_MEMORY_METHODS = ("exact", "nystrom", "cavity", "kfac", "subsample")
@@ -410,12 +414,14 @@ def _jackknife_groups() -> int:
 
 
 def resolve_loo_method(md, method: str) -> str:
-    """The ApproxLOO method that ``method='auto'`` stands for on ``md``: 'exact' while its
-    memory estimate is below :data:`LOO_AUTO_EXACT_BYTES`, else 'nystrom'; other methods
-    unchanged."""
+    """The ApproxLOO method that ``method='auto'`` stands for on ``md``: 'exact' while the
+    memory of its n·K' kernel (data space) is below :data:`LOO_AUTO_EXACT_BYTES`, else
+    'nystrom'; other methods unchanged. The kernel's size, not that of the parameter-space
+    form (:func:`exact_loo_space`), decides: it bounds the exact method's time (at most about
+    a minute on a CPU), where in parameter space the time grows as n·K·p²."""
     if method != "auto":
         return method
-    if estimate_loo_memory(md, "exact").total <= LOO_AUTO_EXACT_BYTES:
+    if sum(_woodbury(_layout(md), md.n, md.n_outputs).values()) <= LOO_AUTO_EXACT_BYTES:
         return "exact"
     return "nystrom"
 
@@ -428,6 +434,23 @@ def nystrom_samples(n_samples: int, m: int) -> int:
     per = LOO_NYSTROM_SAMPLES_PER_POINT
     k = n_samples if per is None else max(m, int(per * m))
     return k if 2 * k <= n_samples else n_samples
+
+
+def exact_loo_space(md) -> str:
+    """Where ApproxLOO ``method='exact'`` works on ``md``: ``'parameters'`` (a p × p matrix,
+    the Gauss–Newton Hessian plus nΛ) when p < nK, else ``'data'`` (the n·K' kernel, K' ≤ K
+    columns of the loss factor; the two give the same blocks)."""
+    return "parameters" if md.n_params < md.n * md.n_outputs else "data"
+
+
+def _parameter_space(L: _Layout) -> dict:
+    """The terms of ApproxLOO ``method='exact'`` in parameter space."""
+    p, B, K = L.p, L.B, L.K
+    return {"Gauss–Newton Hessian + nΛ (p²), factored in place": F64 * p ** 2,
+            "per-sample gradient rows of one batch and their solve": 2 * F64 * B * K * p,
+            "layer records (one batch)": _batch_records(L, 2 * K, B),
+            "autograd graph (one batch)": _graph(L, K),
+            "per-point K×K blocks": _point_blocks(L.n, K)}
 
 
 def _woodbury(L: _Layout, m: int, Kp: int) -> dict:
@@ -453,7 +476,8 @@ def estimate_loo_memory(md, method: str = "exact", *, n_points: int | None = Non
     n, p, B, K = L.n, L.p, L.B, L.K
     Kp = K  # columns of the loss factor B_i: at most K (K − 1 for softmax: an upper bound)
     if method == "exact":
-        parts = _woodbury(L, n, Kp)
+        parts = (_parameter_space(L) if exact_loo_space(md) == "parameters" else
+                 _woodbury(L, n, Kp))
     elif method == "cavity":
         m = min(LOO_CAVITY_POINTS if n_points is None else int(n_points), n)
         parts = _woodbury(L, m, Kp)

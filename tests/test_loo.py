@@ -15,7 +15,7 @@ from softrank.measures import tic
 from softrank.model import ModelData
 from softrank.regularization import as_lam
 
-from .cases import KRONECKER_CASE_IDS, build_case
+from .cases import CASE_IDS, KRONECKER_CASE_IDS, build_case
 
 
 
@@ -397,6 +397,64 @@ def test_fisher_rows_path_equals_the_full_blocks():
     B = md.family.factor(z, y2)
     np.testing.assert_allclose(M.numpy(), (B.transpose(1, 2) @ P @ B).numpy(), rtol=1e-9,
                                atol=1e-13)
+
+
+@pytest.mark.parametrize("fisher_space", [True, False])
+@pytest.mark.parametrize("case_id", CASE_IDS)
+def test_exact_in_parameter_space_is_the_data_space_woodbury(case_id, fisher_space):
+    """'exact' in parameter space (p × p Gauss–Newton Hessian + nΛ) gives the blocks of the
+    data-space Woodbury (n·K' kernel), with a per-element Λ and a curvature subsample
+    (n_train > n), on every layer kind and loss of the test cases."""
+    md = build_case(case_id).model_data(n_train=13)
+    lam = torch.linspace(0.02, 0.2, md.n_params)[torch.randperm(md.n_params,
+                                                                 generator=torch.Generator()
+                                                                 .manual_seed(0))]
+    L = as_lam(lam, md.param_names, md.sizes)
+    w = loo_module._lam_weights(md.rules, L, md.n_train)
+    data = loo_module._woodbury(md, w, np.arange(md.n), md.n_train / md.n, fisher_space)
+    params = loo_module._parameter_space_blocks(md, L, fisher_space)
+    scale = float(data[0].abs().max())
+    np.testing.assert_allclose(params[0].numpy(), data[0].numpy(), rtol=1e-9,
+                               atol=1e-12 * scale)
+    for a, b in zip(params[1:], data[1:]):
+        assert torch.equal(a, b)
+
+
+def test_exact_space_follows_the_smaller_matrix(monkeypatch):
+    """'exact' runs in parameter space when p < nK (a smaller matrix than the kernel), and
+    'auto' still decides on the kernel's memory, which bounds the exact method's time."""
+    net, X, y = _small_mlp_data(3, n=40)  # p = 66 < nK = 120
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=16)
+    assert memory.exact_loo_space(md) == "parameters"
+    assert memory.exact_loo_space(md.subset(np.arange(20))) == "data"  # nK = 60 < p
+    est = memory.estimate_loo_memory(md, "exact")
+    assert est.breakdown["Gauss–Newton Hessian + nΛ (p²), factored in place"] == 8 * 66 ** 2
+    calls = []
+    real = loo_module._parameter_space_blocks
+    monkeypatch.setattr(loo_module, "_parameter_space_blocks",
+                        lambda *a: calls.append(1) or real(*a))
+    res = approx_loo(md, 0.05, "exact")
+    assert calls and res.stderr is None
+    monkeypatch.setattr(memory, "exact_loo_space", lambda md: "data")
+    ref = approx_loo(md, 0.05, "exact")
+    assert len(calls) == 1
+    np.testing.assert_allclose(res.loo_losses, ref.loo_losses, rtol=1e-10)
+    # 'auto': the n·K' kernel's memory decides, not the (here smaller) p × p matrix's
+    kernel = memory.estimate_loo_memory(md, "exact").total  # exact_loo_space is 'data' here
+    assert est.total < kernel
+    monkeypatch.setattr(memory, "LOO_AUTO_EXACT_BYTES", (est.total + kernel) // 2)
+    assert memory.resolve_loo_method(md, "auto") == "nystrom"
+
+
+def test_lower_solve_lower_is_the_triangular_solve():
+    gen = torch.Generator().manual_seed(5)
+    for N in (7, 600, 1300):
+        A = torch.randn(N, N, generator=gen).tril() + N ** 0.5 * torch.eye(N)
+        B = torch.randn(N, N, generator=gen).tril()
+        got = loo_module._lower_solve_lower(A, B, leaf=256)
+        want = torch.linalg.solve_triangular(A, B, upper=False)
+        np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-9, atol=1e-12)
+        assert torch.equal(got.triu(1), torch.zeros_like(got))
 
 
 def test_auto_picks_exact_then_nystrom(monkeypatch):

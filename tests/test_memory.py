@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from softrank import ModelData, approx_loo, curvature, measures
+from softrank import ModelData, approx_loo, curvature, measures, memory
 from softrank.memory import (MEMORY_APPROXIMATIONS, MemoryEstimate, check_loo_memory,
                              check_memory, estimate_loo_memory, estimate_memory, parse_bytes)
 
@@ -196,9 +196,12 @@ def test_estimate_memory_follows_the_fit_configuration(fitted_net):
     # n_curvature_samples: the estimate is of the subsample
     full = ApproxLOO(net).estimate_memory(X)[0]
     sub = ApproxLOO(net, n_curvature_samples=20).estimate_memory(X)[0]
-    key = "Cholesky of I + BᵀΘB (mK')², in place"
-    assert full.breakdown[key] == 8 * (60 * 3) ** 2
-    assert sub.breakdown[key] == 8 * (20 * 3) ** 2
+    # p = 53 < nK (60·3 and 20·3): both in parameter space; the per-point blocks are of n
+    p = sum(t.numel() for t in net.module_.parameters())
+    assert p < 20 * 3
+    key = "Gauss–Newton Hessian + nΛ (p²), factored in place"
+    assert full.breakdown[key] == sub.breakdown[key] == 8 * p ** 2
+    assert full.breakdown["per-point K×K blocks"] == 3 * sub.breakdown["per-point K×K blocks"]
 
 
 def test_estimate_memory_needs_a_fitted_net(fitted_net):
@@ -237,13 +240,20 @@ def test_bad_memory_budget_is_a_clear_error(fitted_net, bad):
 
 
 # -- approx_loo's memory model ---------------------------------------------------------------------
-def test_loo_exact_grows_quadratically_with_n():
-    small, large = mlp_data(64), mlp_data(6400)
-    a, b = estimate_loo_memory(small, "exact"), estimate_loo_memory(large, "exact")
-    for md, e in ((small, a), (large, b)):
-        nK = md.n * 5
-        assert e.breakdown["Cholesky of I + BᵀΘB (mK')², in place"] == 8 * nK ** 2
-    assert b.total > 3000 * a.total  # 100× the samples: ~10⁴× the memory in the square
+def test_loo_exact_grows_quadratically_with_n_up_to_p():
+    """'exact' holds the n·K kernel while nK ≤ p, then the p × p Gauss–Newton Hessian: its
+    memory grows as n² up to p², then only linearly (the per-point blocks)."""
+    small, mid, large = mlp_data(64), mlp_data(256), mlp_data(6400)  # p = 1,669
+    a, b = estimate_loo_memory(small, "exact"), estimate_loo_memory(mid, "exact")
+    for md, e in ((small, a), (mid, b)):
+        assert memory.exact_loo_space(md) == "data"
+        assert e.breakdown["Cholesky of I + BᵀΘB (mK')², in place"] == 8 * (md.n * 5) ** 2
+    assert b.total > 8 * a.total  # 4× the samples: 16× the square, the other terms linear
+    c = estimate_loo_memory(large, "exact")
+    assert memory.exact_loo_space(large) == "parameters"
+    assert c.breakdown["Gauss–Newton Hessian + nΛ (p²), factored in place"] == 8 * 1669 ** 2
+    kernel = sum(memory._woodbury(memory._layout(large), large.n, 5).values())
+    assert c.total < kernel / 100
 
 
 def test_loo_kfac_does_not_grow_beyond_its_cache(monkeypatch):
@@ -259,7 +269,8 @@ def test_loo_kfac_does_not_grow_beyond_its_cache(monkeypatch):
     blocks = "per-point K×K blocks"
     assert c.breakdown[blocks] == 100 * b.breakdown[blocks]
     assert c.total - c.breakdown[blocks] == b.total - b.breakdown[blocks]
-    assert estimate_loo_memory(large, "exact").total > 100 * c.total
+    kernel = sum(memory._woodbury(memory._layout(large), large.n, 5).values())
+    assert kernel > 100 * c.total  # what 'exact' would hold in data space
 
 
 def test_loo_subsample_scales_with_the_points():

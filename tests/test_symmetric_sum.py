@@ -52,3 +52,26 @@ def test_symmetric_sum_accumulates_weighted_batches():
 def test_symmetric_sum_value_before_add_is_an_error():
     with pytest.raises(ValueError, match="before any add"):
         SymmetricSum().value()
+
+
+def test_upper_is_the_sum_in_its_upper_triangle_and_cholesky_reads_only_that_one():
+    """SymmetricSum.upper() hands over the running sum without mirroring it; ApproxLOO's
+    'nystrom' and parameter-space 'exact' factor it with a Cholesky that reads the upper
+    triangle only — checked here, so a torch that read both would fail this test."""
+    gen = torch.Generator().manual_seed(2)
+    for shape in [(50, 20), (700, 300)]:  # one product, and block rows
+        x = torch.randn(*shape, dtype=torch.float64, generator=gen)
+        s = SymmetricSum()
+        s.add(x)
+        want = x.T @ x + torch.eye(shape[1], dtype=torch.float64)
+        up = s.upper().clone()
+        up.diagonal().add_(1.0)
+        assert torch.allclose(up.triu(), want.triu(), rtol=1e-12, atol=1e-10)
+        up.tril_(-1).add_(want.triu())  # garbage below the diagonal, as after block rows
+        up[torch.tril_indices(*up.shape, -1).unbind()] = float("nan")
+        got = torch.linalg.cholesky_ex(up, upper=True)
+        assert got.info == 0
+        assert torch.allclose(got.L, torch.linalg.cholesky(want, upper=True), rtol=1e-10,
+                              atol=1e-12)
+    with pytest.raises(ValueError, match="before any add"):
+        SymmetricSum().upper()
