@@ -10,7 +10,9 @@ estimate, Spearman correlation of the per-point leave-one-out losses (on the poi
 measured), invalid points (max eig A_iP_i ≥ 1), time.
 
 Part ``scale``: n = 60,000 (``--n-large``), an MLP 784-512-10 and a small CNN, one epoch of
-Adam each, then ``--scale-method`` (default ``'cavity'``) in each configuration of
+Adam each, then ``--scale-method`` (default ``'cavity'``; ``'exact'`` runs over every point,
+in parameter space where p < nK, and prints its mean over each configuration's points for a
+paired comparison with the sampled methods, which print theirs) in each configuration of
 ``--configs`` (``POINTS:CURVATURE``:
 the points it keeps and the samples its EKFAC is estimated from, ``all`` or a number, what
 ``ApproxLOO(n_points=, n_curvature_samples=)`` set; the first is the default): time relative
