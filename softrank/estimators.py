@@ -1072,8 +1072,11 @@ class ApproxLOO(GapEstimator):
     Parameters
     ----------
     method : {'auto', 'exact', 'nystrom', 'cavity', 'kfac', 'subsample'}, default='auto'
-        'auto' (default): 'exact' while its memory (a Cholesky of size n(K−1)) stays below
-        ``softrank.memory.LOO_AUTO_EXACT_BYTES`` (2 GiB); above it 'nystrom'.
+        'auto' (default): 'exact' while the memory of its data-space form (an n·K kernel and
+        its Cholesky, estimated with K columns per point) stays below
+        ``softrank.memory.LOO_AUTO_EXACT_BYTES`` (2 GiB; the kernel alone, 12·(nK)² bytes,
+        allows n ≤ 1,337 for K = 10, the layer records of all n somewhat fewer), whichever
+        form 'exact' then runs in; above it 'nystrom'.
         'exact': Woodbury on the empirical NTK, one Cholesky of size n(K−1) (moderate n·K);
         where p < nK the same blocks from the p × p Gauss–Newton Hessian + nΛ instead
         (memory p², time ∝ n·K·p²: small nets at any n, though slower there than 'nystrom').
@@ -1081,16 +1084,20 @@ class ApproxLOO(GapEstimator):
         points through a Nyström approximation on them with each one's own term exact
         (FITC [3]_): every entry of the kernel :math:`JD^{-1}J^\top` that involves a kept
         point is exact, so no EKFAC and no shrinkage enter its blocks; valid by construction,
-        with the control variate and ``stderr_`` of 'cavity' (below). Its bias is downward
-        and shrinks as more points are kept: on finished MNIST MLPs at n = 1,000 and 3,000,
+        with the control variate and ``stderr_`` of 'cavity' (below). On wide MLPs its bias
+        is downward and shrinks as more points are kept: on finished MNIST MLPs at n = 1,000
+        and 3,000,
         λ from 1e-4 to 1e-1, the gap was 4.2 % below to 5.3 % above the exact one with 300
         points kept, 5–12 % below with 100, 15–67 % below with 30 (where 'cavity' erred
-        upward: on the same points the two bracketed the exact value on every net measured,
+        upward: on the same points the two bracketed the exact value on every such net,
         a measured property, not a bound); at n = 60,000 on a small CNN (p = 9,098, exact in
         parameter space) the default's gap was 2.4 % below the exact one, 31 % below with
-        100 points; on an MLP 784-512-10, where no exact reference runs, it still rose with
-        the points kept (0.034, 0.053 and 0.064 with 100, 300 and 600), so there the
-        default's is presumably at least 17 % below the exact one.
+        100 points; on an MLP 784-512-10, where no exact reference runs, it rose with the
+        points kept (0.034, 0.053, 0.064 and 0.066 with 100, 300, 600 and 1,000), so there
+        the default's is likely about 20 % below the exact one. On a narrow finished MLP
+        784-8-10 (n = 5,000, fewer parameters than nK) it was 25 % *above* the exact gap
+        with 300 points, 3.0 % with 600 (a few points far above their exact values): the
+        direction of its error depends on the net, and ``stderr_`` does not cover it.
         Its memory grows as ``n_points``², flat in n; its time as ``n_points``² times the
         curvature samples it uses: ``softrank.memory.LOO_NYSTROM_SAMPLES_PER_POINT`` (10) per
         point kept, its points and random others, where that is at most half of them, so that
@@ -1148,7 +1155,8 @@ class ApproxLOO(GapEstimator):
     memory_budget : int, str or None, default=None
         As for the other estimators, checked against
         :func:`softrank.memory.estimate_loo_memory` of ``method`` ('exact': a Cholesky of size
-        n(K−1), quadratic in n; 'nystrom' and 'cavity': the same on their points plus the
+        n(K−1), quadratic in n, or where p < nK the p × p Gauss–Newton Hessian, flat in n;
+        'nystrom' and 'cavity': the same on their points plus the
         EKFAC factors, flat in n; 'kfac': the Kronecker factors and at most
         ``softrank.memory.KFAC_CACHE_BYTES`` of cached layer records; 'subsample': the
         Jacobians of the ``n_points`` points and the CG vectors).

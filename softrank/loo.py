@@ -65,12 +65,15 @@ method. Ways to get :math:`P_i` (``method``):
   each kept point's own term exact, so every step is valid by construction; with S every
   point it is ``'exact'``; no shrinkage, no EKFAC in the blocks (the control variate and the
   regression estimate are those of ``'cavity'``, its s the fixed point of the control
-  variate's own leverages on the kept points). Its bias, measured, is *downward* and shrinks
-  as more points are kept: on finished MNIST MLPs (n = 1,000 and 3,000, λ from 1e-4 to 1e-1)
-  the gap was 4.2 % below to 5.3 % above the exact one with 300 kept, 5–12 % below with 100
-  and 15–67 % below with 30, where ``'cavity'`` on the same points was 10–142 % above — the
-  two bracketed the exact value on those points on every net measured (a measured property,
-  not a bound). Time ∝ N·m² over N curvature samples (the kernel of S against every sample,
+  variate's own leverages on the kept points). Its bias, measured on wide finished MNIST
+  MLPs (many more parameters than nK; n = 1,000 and 3,000, λ from 1e-4 to 1e-1), is
+  *downward* and shrinks as more points are kept: the gap was 4.2 % below to 5.3 % above
+  the exact one with 300 kept, 5–12 % below with 100 and 15–67 % below with 30, where
+  ``'cavity'`` on the same points was 10–142 % above — the two bracketed the exact value on
+  those points on every such net (a measured property, not a bound). On a narrow one with
+  fewer parameters than nK (784-8-10, n = 5,000) it was *upward*: +25 % with 300 points,
+  +3.0 % with 600, a few points far above their exact values (the median point within 1e-6
+  of it): the direction depends on the net, and the standard error does not cover it. Time ∝ N·m² over N curvature samples (the kernel of S against every sample,
   and per batch a product of size m(K−1)), memory that of an m(K−1) square, flat in n. It
   uses ``softrank.memory.LOO_NYSTROM_SAMPLES_PER_POINT`` (10) curvature samples per point
   kept — its points and random others — where those are at most half of them, so that its
@@ -84,16 +87,17 @@ method. Ways to get :math:`P_i` (``method``):
   same runs −3.3 %, −0.1 % and +3.3 % of the gap with every sample, within one standard error.
   At n = 60,000 on a small CNN (p = 9,098; the exact method in parameter space) the
   default's gap was 2.4 % below the exact one (31 % with 100 points); on an MLP 784-512-10,
-  with no exact reference, it still rose with the points kept (0.053 with 300, 0.064 with
-  600): there the default's is presumably at least 17 % low;
+  with no exact reference, it rose with the points kept (0.053 with 300, 0.064 with 600,
+  0.066 with 1,000): there the default's is likely about 20 % low;
 * ``'kfac'`` — :math:`P_i` from the Kronecker factors' eigenbases, one sample at a time, any n.
   Its failure mode: KFAC spreads each point's own curvature over the layer, so on wide or
   memorizing nets :math:`A_iP_i` reaches eigenvalues ≥ 1 for many points (invalid steps, counted
   in the diagnostics and warned about);
 * ``'subsample'`` — ``n_points`` random points, :math:`P_i` from conjugate gradients (K
   right-hand sides per point) against the full-data Fisher, with a standard error over points;
-* ``'auto'`` — ``'exact'`` while its memory (an n(K−1) kernel) stays below
-  ``softrank.memory.LOO_AUTO_EXACT_BYTES``; above it ``'nystrom'``.
+* ``'auto'`` — ``'exact'`` while the memory of its data-space form (an n·K kernel, estimated
+  with K columns per point) stays below ``softrank.memory.LOO_AUTO_EXACT_BYTES``, whichever
+  form it then runs in; above it ``'nystrom'``.
 
 A non-scalar Λ enters KFAC and EKFAC through its diagonal in their eigenbasis (exact when Λ is
 constant on each layer); ``'exact'`` and ``'subsample'`` use it exactly.
@@ -497,7 +501,9 @@ def _cavity_blocks(md, L, indices, fisher_space, rest="ekfac"):
         return (*_woodbury(md, _lam_weights(md.rules, L, n), indices, c, fisher_space), c, {},
                 None, [])
     require_kfac_capable(md.rules, "approximate leave-one-out (method="
-                         f"{'nystrom' if rest == 'nystrom' else 'cavity'!r}: EKFAC)")
+                         f"{'nystrom' if rest == 'nystrom' else 'cavity'!r}: EKFAC)",
+                         "method='exact' (any layer; in parameter space where p < nK) or "
+                         "method='subsample'")
     F = KroneckerCurvature(md, "fisher", "fisher", ekfac=True)
     if rest == "nystrom":
         if m >= md.n:
@@ -1034,8 +1040,8 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
     lam : float, dict {parameter name: float} or tensor of shape (p,)
         Λ > 0: scalar, per parameter tensor, or its full diagonal.
     method : {'auto', 'exact', 'nystrom', 'cavity', 'kfac', 'subsample'}
-        See the module docstring. 'auto' (default): 'exact' while its memory stays below
-        ``softrank.memory.LOO_AUTO_EXACT_BYTES``, else 'nystrom'.
+        See the module docstring. 'auto' (default): 'exact' while its data-space memory
+        stays below ``softrank.memory.LOO_AUTO_EXACT_BYTES``, else 'nystrom'.
     n_points : int or None
         Points of 'nystrom' (default ``softrank.memory.LOO_NYSTROM_POINTS``), 'cavity'
         (default ``softrank.memory.LOO_CAVITY_POINTS``), at most n, and 'subsample' (default
@@ -1062,6 +1068,7 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
         used; NaN for 'subsample' when the solver's error bound exceeds a tenth of it, since then it
         would not cover that error); ``diagnostics`` with ``invalid_points`` (points with max
         eig :math:`A_iP_i \ge 1`, whose step is meaningless) and ``max_point_leverage``; for
+        'exact' also ``exact_space`` ('data' or 'parameters': the form that ran); for
         'subsample' also ``solver_error_bound`` (loss units: a first-order bound on the gap's
         conjugate-gradient error, from rigorous bounds on each block's entries,
         :math:`\|x_k^*\|_A\,\|r_l\|/\sqrt{\min\Lambda}`), ``converged`` (whether ``tol``
@@ -1174,6 +1181,7 @@ def approx_loo(md, lam, method: str = "auto", *, n_points: int | None = None,
         fisher_space = _in_range(fam.factor(z, y), fam.residual(z, y))
         if method == "exact":
             P, z, y = _exact_blocks(md, L, fisher_space)
+            diagnostics["exact_space"] = memory.exact_loo_space(md)
         else:
             rest = "nystrom" if method == "nystrom" else _CAVITY_REST
             P, z, y, own_weight, cav, proxy, jack = _cavity_blocks(md, L, positions,

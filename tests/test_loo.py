@@ -434,10 +434,10 @@ def test_exact_space_follows_the_smaller_matrix(monkeypatch):
     monkeypatch.setattr(loo_module, "_parameter_space_blocks",
                         lambda *a: calls.append(1) or real(*a))
     res = approx_loo(md, 0.05, "exact")
-    assert calls and res.stderr is None
+    assert calls and res.stderr is None and res.diagnostics["exact_space"] == "parameters"
     monkeypatch.setattr(memory, "exact_loo_space", lambda md: "data")
     ref = approx_loo(md, 0.05, "exact")
-    assert len(calls) == 1
+    assert len(calls) == 1 and ref.diagnostics["exact_space"] == "data"
     np.testing.assert_allclose(res.loo_losses, ref.loo_losses, rtol=1e-10)
     # 'auto': the n·K' kernel's memory decides, not the (here smaller) p × p matrix's
     kernel = memory.estimate_loo_memory(md, "exact").total  # exact_loo_space is 'data' here
@@ -869,3 +869,14 @@ def test_nystrom_matches_its_dense_definition(n_train):
         assert full.stderr is None
         np.testing.assert_allclose(full.loo_losses, approx_loo(md, lam, "exact").loo_losses,
                                    rtol=1e-9)
+
+
+@pytest.mark.parametrize("method", ["nystrom", "cavity"])
+def test_ekfac_methods_on_other_layers_point_to_the_methods_that_run(method):
+    """'nystrom' and 'cavity' need EKFAC (their control variate) and refuse a BatchNorm net
+    with the layer's error, naming 'exact' and 'subsample', which run on any layer."""
+    from softrank.layers import UnsupportedLayerError
+    md = build_case("bn-ce").model_data()
+    with pytest.raises(UnsupportedLayerError, match="method='exact' .*or method='subsample'"):
+        approx_loo(md, 0.1, method, n_points=4, random_state=0)
+    assert approx_loo(md, 0.1, "exact").diagnostics["invalid_points"] == 0
