@@ -1095,8 +1095,8 @@ class ApproxLOO(GapEstimator):
         100 points; on an MLP 784-512-10, where no exact reference runs, it rose with the
         points kept (0.034, 0.053, 0.064 and 0.066 with 100, 300, 600 and 1,000), so there
         the default's is likely about 20 % below the exact one. On a narrow finished MLP
-        784-8-10 (n = 5,000, fewer parameters than nK) it was 25 % *above* the exact gap
-        with 300 points, 3.0 % with 600 (a few points far above their exact values): the
+        784-8-10 (n = 5,000, fewer parameters than nK) it was 26 % *above* the exact gap
+        with 300 points, 3.7 % with 600 (its per-point values ranked as the exact ones): the
         direction of its error depends on the net, and ``stderr_`` does not cover it.
         Its memory grows as ``n_points``², flat in n; its time as ``n_points``² times the
         curvature samples it uses: ``softrank.memory.LOO_NYSTROM_SAMPLES_PER_POINT`` (10) per

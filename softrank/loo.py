@@ -71,10 +71,10 @@ method. Ways to get :math:`P_i` (``method``):
   the exact one with 300 kept, 5–12 % below with 100 and 15–67 % below with 30, where
   ``'cavity'`` on the same points was 10–142 % above — the two bracketed the exact value on
   those points on every such net (a measured property, not a bound). On a narrow one with
-  fewer parameters than nK (784-8-10, n = 5,000) it was *upward*: +25 % with 300 points,
-  +3.0 % with 600, a few points far above their exact values (the median point within 1e-6
-  of it): the direction depends on the net, and the standard error does not cover it. Time ∝ N·m² over N curvature samples (the kernel of S against every sample,
-  and per batch a product of size m(K−1)), memory that of an m(K−1) square, flat in n. It
+  fewer parameters than nK (784-8-10, n = 5,000) it was *upward*: +26 % with 300 points,
+  +3.7 % with 600, its per-point values ranked as the exact ones: the direction depends on
+  the net, and the standard error does not cover it. Time ∝ N·m² over N curvature samples
+  (the kernel of S against every sample, and per batch a product of size m(K−1)), memory that of an m(K−1) square, flat in n. It
   uses ``softrank.memory.LOO_NYSTROM_SAMPLES_PER_POINT`` (10) curvature samples per point
   kept — its points and random others — where those are at most half of them, so that its
   time, ∝ m³ then, does not grow with n. On such a subsample (N of the n training points)
@@ -306,8 +306,7 @@ def _fisher_grads(g, B):
 
 def _gram(rules, fis, w: _Weights, shift: float = 1.0) -> torch.Tensor:
     r""":math:`\text{shift}\cdot I + \tilde B^\top\Theta\tilde B` over the Fisher-row records
-    ``fis`` (batches): one m·K' square. ``shift`` 0: the bare Gram, with a jitter of 1e-10 of
-    its mean diagonal."""
+    ``fis`` (batches): one m·K' square (``shift`` 0: the bare Gram)."""
     sizes = [f[0].g.shape[0] * f[0].g.shape[1] for f in fis]
     offs = np.concatenate([[0], np.cumsum(sizes)])
     dev = fis[0][0].g.device
@@ -318,9 +317,8 @@ def _gram(rules, fis, w: _Weights, shift: float = 1.0) -> torch.Tensor:
             G[offs[i]:offs[i + 1], offs[j]:offs[j + 1]] = blk
             if j != i:
                 G[offs[j]:offs[j + 1], offs[i]:offs[i + 1]] = blk.T
-    if shift == 0.0:  # a bare Gram: a relative jitter for points whose rows coincide
-        shift = 1e-10 * float(G.diagonal().mean()) or 1e-300
-    G.diagonal().add_(shift)
+    if shift:
+        G.diagonal().add_(shift)
     return G
 
 
@@ -542,8 +540,10 @@ def _nystrom_blocks(md, L, indices, fisher_space, records=None, groups: int | No
     :math:`P_i = \Theta_{ii} - \sum_jX_{ij}E_j^{-1}X_{ij}^\top + Y_iC^{-1}Y_i^\top`,
     :math:`Y = XE^{-1}V^\top`. On the Fisher rows (``fisher_space``) S's own rows of V are
     :math:`V_S = R^\top` for :math:`G_{SS} = RR^\top`, and the same Woodbury reads
-    :math:`B_i^\top P_iB_i = V_i^\top C^{-1}V_i`: positive semi-definite as computed, with no
-    difference of large terms; R is the upper-triangular (reversed-order) Cholesky factor, so
+    :math:`B_i^\top P_iB_i = V_i^\top C^{-1}V_i - \varepsilon I`, ε the jitter that makes
+    :math:`G_{SS} + \varepsilon I = RR^\top` factorable (the own block without it: a point the
+    net gets confidently wrong has tiny Fisher rows, far below ε, and its step divides by
+    :math:`B_i^\top B_i`); R is the upper-triangular (reversed-order) Cholesky factor, so
     that :math:`V_S` and :math:`C^{-1}`'s factor against it are lower triangular (half a
     solve). C is summed one triangle at a time,
     :math:`\sum_jW_jW_j^\top` with :math:`W_j = V_jL_j^{-\top}`, :math:`E_j = L_jL_j^\top`.
@@ -573,7 +573,11 @@ def _nystrom_blocks(md, L, indices, fisher_space, records=None, groups: int | No
 
     # G_SS = RRᵀ with R upper triangular (the Cholesky factor of G_SS in reversed order), so
     # that V_S = Rᵀ is lower triangular and so is C's solve against it at the end
-    R = _factor_in_place(_gram(rules, fis_S, w, shift=0.0).flip(0, 1)).flip(0, 1)
+    G = _gram(rules, fis_S, w, shift=0.0)
+    jitter = 1e-10 * float(G.diagonal().mean()) or 1e-300  # for points whose rows coincide
+    G.diagonal().add_(jitter)
+    R = _factor_in_place(G.flip(0, 1)).flip(0, 1)
+    del G
     # the sums below run per slot: on a subsample, one per group of the other samples (a fixed
     # random partition) and the last for S; else one slot, every sample at weight c = 1
     member = np.zeros(md.n, bool)
@@ -659,9 +663,11 @@ def _nystrom_blocks(md, L, indices, fisher_space, records=None, groups: int | No
         if info != 0:
             raise RuntimeError("Cholesky of I + VE⁻¹Vᵀ failed (non-finite outputs?)")
         Cl = Cu.mT  # C = Cl Clᵀ
-        if fisher_space:  # M_i = V_iᵀC⁻¹V_i, V_S = Rᵀ lower triangular
+        if fisher_space:  # M_i = V_iᵀC⁻¹V_i, V_S = Rᵀ lower triangular, less the jitter
             Z = _lower_solve_lower(Cl, R.T).view(-1, m, Kp)
-            return torch.einsum("xik,xil->ikl", Z, Z).cpu()
+            M = torch.einsum("xik,xil->ikl", Z, Z)
+            M.diagonal(dim1=1, dim2=2).sub_(jitter)
+            return M.cpu()
         Z = torch.linalg.solve_triangular(Cl, total(2, Ys).T, upper=False).view(-1, m, KR)
         return (own - total(1, diags) + torch.einsum("xik,xil->ikl", Z, Z)).cpu()
 

@@ -203,9 +203,8 @@ def _cavity_statement(m: int, n: int, s: float, correlation: float | None = None
 _NYSTROM_MEASURED = {300: "4.2 % below to 5.3 % above the exact gap", 100: "5–12 % below",
                       30: "15–67 % below"}
 #: what was measured where it erred upward: a narrow net, fewer parameters than n·K
-_NYSTROM_NARROW_MEASURED = ("on a finished MLP 784-8-10 with fewer (n = 5,000) it was 25 % "
-                            "above the exact gap with 300 points (3.0 % with 600), a few points "
-                            "far above their exact values")
+_NYSTROM_NARROW_MEASURED = ("on a finished MLP 784-8-10 with fewer (n = 5,000) it was 26 % "
+                            "above the exact gap with 300 points (3.7 % with 600)")
 #: the smallest share of the points kept (%) in those comparisons with the most points (300 of
 #: 3,000)
 _NYSTROM_FEWEST_SHARE = 10

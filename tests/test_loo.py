@@ -880,3 +880,26 @@ def test_ekfac_methods_on_other_layers_point_to_the_methods_that_run(method):
     with pytest.raises(UnsupportedLayerError, match="method='exact' .*or method='subsample'"):
         approx_loo(md, 0.1, method, n_points=4, random_state=0)
     assert approx_loo(md, 0.1, "exact").diagnostics["invalid_points"] == 0
+
+
+@pytest.mark.parametrize("scale", [40.0, 80.0])
+def test_nystrom_fisher_rows_keep_confidently_wrong_points_exact(scale):
+    """A kept point the net gets confidently wrong (its input scaled up through a
+    bias-free ReLU net): its Fisher rows are tiny — far below the Gram's jitter of 1e-10 of
+    its mean diagonal — while its residual is not, and the Fisher-row step divides by BᵀB.
+    It still equals the step from the Jacobian-row blocks (the own term without the jitter);
+    with the jitter left in its own block it was off by 0.09 (scale 40) and 1.5e7 (80)."""
+    torch.manual_seed(9)
+    net = nn.Sequential(nn.Linear(5, 7, bias=False), nn.ReLU(), nn.Linear(7, 3, bias=False))
+    X, y = torch.randn(30, 5), torch.randint(0, 3, (30,))
+    y[0] = int(net(X[:1]).detach()[0].argmin())
+    X[0] *= scale
+    md = ModelData(net, nn.CrossEntropyLoss(), X, y, batch_size=8, n_train=90)
+    assert float(torch.softmax(net(X[:1]).detach(), 1)[0, y[0]]) < 1e-7
+    S = np.array([0, 3, 7, 11, 15, 19, 23, 27])
+    L = as_lam(1e-3, md.param_names, md.sizes)
+    M, zS, yS, _ = loo_module._nystrom_blocks(md, L, S, True)
+    P, *_ = loo_module._nystrom_blocks(md, L, S, False)
+    loo_f = loo_module._steps(md.family, M, zS, yS, True)[1]
+    loo_j = loo_module._steps(md.family, P, zS, yS, False)[1]
+    np.testing.assert_allclose(loo_f, loo_j, rtol=1e-6, atol=1e-6)
