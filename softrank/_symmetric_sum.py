@@ -44,11 +44,6 @@ class SymmetricSum:
         for i in range(0, d, b):  # block row i: x[:, i:i+b]ᵀ x[:, i:] (diagonal block whole)
             self._acc[i:i + b, i:].addmm_(x[:, i:i + b].T, x[:, i:], alpha=weight)
 
-    @property
-    def started(self) -> bool:
-        """Whether anything was added (else :meth:`value` has no shape to return)."""
-        return self._acc is not None
-
     def upper(self) -> torch.Tensor:
         """The running sum itself, without a copy: its upper triangle (diagonal included) is
         that of the sum, the rest is not — for a reader of one triangle (a Cholesky factor

@@ -313,6 +313,12 @@ class Conv2dRule(KroneckerRule):
         return grads.double().reshape(V, N, C, -1).transpose(2, 3)  # (V, N, T, Cout)
 
 
+def per_sample_gradients(rules, layers) -> torch.Tensor:
+    """(V, N, p) per-sample gradients of one batch's layer records (one per rule, as
+    :meth:`softrank.model.ModelData.batches` yields them), in parameter order, float64."""
+    return torch.cat([r.per_sample_grads(lb) for r, lb in zip(rules, layers)], -1)
+
+
 def rule_for(name: str, module: nn.Module, param_names: list[str]) -> LayerRule:
     if type(module) is nn.Linear:
         return LinearRule(name, module, param_names)

@@ -133,7 +133,7 @@ from .curvature.base import Curvature
 from .curvature.kronecker import KroneckerSums, require_kfac_capable
 from .curvature.matfree import GGNOperator
 from ._symmetric_sum import SymmetricSum
-from .layers import LayerBatch
+from .layers import LayerBatch, per_sample_gradients
 from .regularization import Lam, as_lam
 
 __all__ = ["LOOResult", "approx_loo", "LOO_METHODS"]
@@ -327,11 +327,14 @@ def _cholesky_of_gram(rules, fis, w: _Weights, shift: float = 1.0) -> torch.Tens
     return _factor_in_place(_gram(rules, fis, w, shift))
 
 
-def _factor_in_place(G: torch.Tensor) -> torch.Tensor:
+def _factor_in_place(G: torch.Tensor, what: str = "I + BᵀΘB",
+                     upper: bool = False) -> torch.Tensor:
+    """G's Cholesky factor, lower (or upper: then only G's upper triangle is read), in G's
+    memory; a RuntimeError naming ``what`` if it fails."""
     info = torch.empty((), dtype=torch.int32, device=G.device)
-    torch.linalg.cholesky_ex(G, out=(G, info))
+    torch.linalg.cholesky_ex(G, upper=upper, out=(G, info))
     if info != 0:
-        raise RuntimeError("Cholesky of I + BᵀΘB failed (non-finite outputs?)")
+        raise RuntimeError(f"Cholesky of {what} failed (non-finite outputs?)")
     return G
 
 
@@ -444,7 +447,7 @@ def _exact_blocks(md, L, fisher_space):
 
 def _gradient_rows(rules, layers) -> torch.Tensor:
     """(N·V, p) per-sample gradient rows of a batch's layer records, sample-major."""
-    g = torch.cat([r.per_sample_grads(lb) for r, lb in zip(rules, layers)], 2)  # (V, N, p)
+    g = per_sample_gradients(rules, layers)  # (V, N, p)
     return g.transpose(0, 1).reshape(-1, g.shape[2])
 
 
@@ -462,11 +465,7 @@ def _parameter_space_blocks(md, L, fisher_space):
         H.add(_gradient_rows(rules, b.layers), n / md.n)
     H = H.upper()  # its upper triangle, all the Cholesky factor below reads
     H.diagonal().add_(n * L.vector.to(H))
-    info = torch.empty((), dtype=torch.int32, device=H.device)
-    torch.linalg.cholesky_ex(H, upper=True, out=(H, info))
-    if info != 0:
-        raise RuntimeError("Cholesky of the Gauss–Newton Hessian + nΛ failed (non-finite "
-                           "outputs?)")
+    H = _factor_in_place(H, "the Gauss–Newton Hessian + nΛ", upper=True)
     blocks, zs, ys = [], [], []
     for b in md.batches("fisher" if fisher_space else "jacobian"):
         Z = torch.linalg.solve_triangular(H.mT, _gradient_rows(rules, b.layers).T, upper=False)
@@ -576,7 +575,7 @@ def _nystrom_blocks(md, L, indices, fisher_space, records=None, groups: int | No
     G = _gram(rules, fis_S, w, shift=0.0)
     jitter = 1e-10 * float(G.diagonal().mean()) or 1e-300  # for points whose rows coincide
     G.diagonal().add_(jitter)
-    R = _factor_in_place(G.flip(0, 1)).flip(0, 1)
+    R = _factor_in_place(G.flip(0, 1), "the kept points' Gram").flip(0, 1)
     del G
     # the sums below run per slot: on a subsample, one per group of the other samples (a fixed
     # random partition) and the last for S; else one slot, every sample at weight c = 1
@@ -638,9 +637,9 @@ def _nystrom_blocks(md, L, indices, fisher_space, records=None, groups: int | No
             diags[g].add_(torch.einsum("ikjd,iljd->ikl", XE, Xg))
             Ys[g].add_(XE.reshape(m * KR, -1) @ Vg.reshape(m * Kp, -1).T)
         start += N
-    # their upper triangles: every operation below is elementwise until C's Cholesky, which
-    # reads only that triangle (upper=True)
-    Cs = [c.upper() if c.started else zeros(m * Kp, m * Kp) for c in Cs]
+    # their upper triangles (every slot has samples): every operation below is elementwise
+    # until C's Cholesky, which reads only that triangle (upper=True)
+    Cs = [c.upper() for c in Cs]
     own = None if fisher_space else torch.cat([_own_blocks(rules, r, w) for r in rows_S])
     sizes = np.bincount(slot, minlength=n_groups)
     # the other samples' sums over every group, once: a group left out is subtracted from them
@@ -648,7 +647,7 @@ def _nystrom_blocks(md, L, indices, fisher_space, records=None, groups: int | No
                        for parts in (Cs, diags, Ys)]
 
     def blocks(left_out=None):  # the blocks with the other samples but group `left_out`
-        kept = sizes.sum() - (0 if left_out is None else sizes[left_out])
+        kept = n_other - (0 if left_out is None else sizes[left_out])
         c = (n - m) / int(kept) if weighted else 1.0
 
         def total(k, parts):  # S at weight 1, the other samples at weight c
@@ -656,13 +655,9 @@ def _nystrom_blocks(md, L, indices, fisher_space, records=None, groups: int | No
             out = out.mul(c) if left_out is None else torch.sub(out, parts[left_out]).mul_(c)
             return out.add_(parts[-1]) if weighted else out
 
-        C = total(0, Cs)
+        C = total(0, Cs)  # a new tensor: factored in its place
         C.diagonal().add_(1.0)
-        Cu, info = torch.linalg.cholesky_ex(C, upper=True)
-        del C
-        if info != 0:
-            raise RuntimeError("Cholesky of I + VE⁻¹Vᵀ failed (non-finite outputs?)")
-        Cl = Cu.mT  # C = Cl Clᵀ
+        Cl = _factor_in_place(C, "I + VE⁻¹Vᵀ", upper=True).mT  # C = Cl Clᵀ
         if fisher_space:  # M_i = V_iᵀC⁻¹V_i, V_S = Rᵀ lower triangular, less the jitter
             Z = _lower_solve_lower(Cl, R.T).view(-1, m, Kp)
             M = torch.einsum("xik,xil->ikl", Z, Z)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layers import per_sample_gradients
 from ..regularization import Lam, as_lam
 
 __all__ = ["Curvature", "DenseCurvature"]
@@ -91,7 +92,7 @@ class Curvature:
         L = self.lam(lam)
         total = 0.0
         for b in feats:
-            G = torch.cat([r.per_sample_grads(lb) for r, lb in zip(rules, b.layers)], -1)
+            G = per_sample_gradients(rules, b.layers)
             G = G.reshape(-1, G.shape[-1]).cpu()
             total += float((G * self.solve(G.T, L).T).sum())
         return total

@@ -54,6 +54,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.utils import check_random_state
 
 from .._progress import bar
+from ..layers import per_sample_gradients
 from ..stochastic import (StochasticEstimate, hutchpp, lanczos_eigenvalues, logdet_function,
                           probes, slq, soft_rank_function, spectral_density)
 from .base import Curvature
@@ -549,7 +550,7 @@ class MatrixFreeCurvature(Curvature):
     def _tic_exact(self, rules, feats, L) -> float:
         total, n_matvec, converged, worst = 0.0, 0, True, 0.0
         for b in feats:
-            G = torch.cat([r.per_sample_grads(lb) for r, lb in zip(rules, b.layers)], -1)
+            G = per_sample_gradients(rules, b.layers)
             G = G.reshape(-1, G.shape[-1]).to(self.md.device, torch.float64)
             X = self._solve(G.T, L, warn=False)
             total += float((G * X.T).sum())
